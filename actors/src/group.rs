@@ -1,0 +1,785 @@
+//! The group actor: the single writer of one group.
+//!
+//! One per active group, started on demand by the node's host (see
+//! [`crate::host`]) and stopped when idle. It loads the group from storage
+//! (taking a new epoch, which fences any previous owner), validates every
+//! request against its member cache, assigns sequence numbers, commits
+//! batches (group commit: everything that arrives while a commit is in flight
+//! goes into the next transaction), acknowledges only after the commit, then
+//! fans out through the node relays. It also keeps every member's
+//! delivered/read pointers and writes them in batches.
+//!
+//! Supervised by the host. If it dies, the host forgets it and the next
+//! request starts a fresh one from storage; requests that were in its mailbox
+//! are answered `UNAVAILABLE` by their [`ReplyTo`] handles, and a retried
+//! `send` is deduplicated by its `clientMsgId`.
+//!
+//! What it must not do: block (storage runs on the blocking pool and reports
+//! back with [`GroupMessage::Committed`]), reply before a commit, or keep
+//! running after a commit failed (its view may be stale: it stops and the
+//! next request reloads).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use proto::v1::{self, server_frame::Kind};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use storage::TxError;
+use storage::model::{DedupeRecord, GroupMeta, MemberRecord, role};
+use tracing::{debug, info, warn};
+
+use crate::error::{ChatError, ChatResult};
+use crate::ids::{GroupId, UserId};
+use crate::outbound::{ReplyTo, SharedPush};
+use crate::relay::RelayMessage;
+use crate::router::Router;
+
+mod plan;
+pub use plan::GroupOp;
+use plan::{Batch, Effect, Waiter, Writes};
+
+/// Messages of a group actor.
+#[derive(Debug)]
+pub enum GroupMessage {
+    /// A client request from `user`, answered through `reply`.
+    Request {
+        /// Who asks (authenticated at the session).
+        user: UserId,
+        /// What they ask.
+        op: GroupOp,
+        /// Where the answer goes.
+        reply: ReplyTo,
+    },
+    /// The commit started by this actor finished.
+    Committed(Result<CommitOutcome, CommitFailure>),
+    /// Timer: write dirty pointers now.
+    FlushTick,
+    /// Timer: stop if idle.
+    IdleTick,
+    /// The host dropped this actor from its registry: flush and stop. Sent
+    /// through the mailbox, so every request queued before it is served.
+    Retire,
+}
+
+impl ractor::Message for GroupMessage {}
+
+/// What a successful commit transaction reports.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// Everything in the batch was written.
+    Written,
+    /// Some sends were already committed earlier (retries after this actor
+    /// started); nothing was written. Their `(user, clientMsgId)` and outcome.
+    Duplicates(Vec<(String, String, DedupeRecord)>),
+}
+
+/// Why a commit failed.
+#[derive(Debug)]
+pub enum CommitFailure {
+    /// Another owner took a newer epoch: this actor must stop.
+    Fenced,
+    /// The stored group does not match this actor's view.
+    Stale(String),
+    /// Storage failed (timeout, engine error).
+    Storage(ChatError),
+}
+
+/// Arguments of a group actor.
+pub struct GroupArgs {
+    /// The group.
+    pub id: GroupId,
+    /// Routing, storage and configuration of this node.
+    pub router: Router,
+}
+
+/// A member as the group actor keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// [`role::MEMBER`] or [`role::ADMIN`].
+    pub role: i32,
+    /// Seq of the system message that added the member.
+    pub joined_at_seq: u64,
+    /// When they joined (ms).
+    pub joined_at_ms: u64,
+    /// Highest seq delivered to one of their devices.
+    pub delivered: u64,
+    /// Highest seq they read.
+    pub read: u64,
+}
+
+impl Member {
+    fn record(&self) -> MemberRecord {
+        MemberRecord {
+            role: self.role,
+            joined_at_seq: self.joined_at_seq,
+            delivered_seq: self.delivered,
+            read_seq: self.read,
+            joined_at_ms: self.joined_at_ms,
+        }
+    }
+    fn from_record(r: &MemberRecord) -> Self {
+        Member {
+            role: r.role,
+            joined_at_seq: r.joined_at_seq,
+            joined_at_ms: r.joined_at_ms,
+            delivered: r.delivered_seq,
+            read: r.read_seq,
+        }
+    }
+    fn is_admin(&self) -> bool {
+        self.role == role::ADMIN
+    }
+}
+
+/// The group actor's state.
+///
+/// Invariants:
+/// - `meta`, `head` and `members` equal what storage holds for the group
+///   after the last successful commit of this actor (this actor is the only
+///   writer while `epoch` is the stored epoch); `meta` is `None` only while
+///   the group does not exist (then `epoch` is 0).
+/// - At most one commit is in flight (`in_flight`); `pending` holds requests
+///   not yet planned, in arrival order.
+/// - Every pointer in `members` is ≤ `head`, and never decreases.
+/// - `dirty` ⊆ keys of `members`: members whose pointers changed since the
+///   last pointer write; `pointer_waiters` are answered when they are written.
+pub struct GroupState {
+    id: GroupId,
+    router: Router,
+    epoch: u64,
+    meta: Option<GroupMeta>,
+    head: u64,
+    members: HashMap<UserId, Member>,
+    pending: VecDeque<Waiter>,
+    in_flight: Option<InFlight>,
+    dirty: HashSet<UserId>,
+    pointer_waiters: Vec<ReplyTo>,
+    flush_scheduled: bool,
+    /// Recent sends: `(user, clientMsgId)` → outcome, for cheap retries.
+    recent: HashMap<(UserId, String), DedupeRecord>,
+    recent_order: VecDeque<(UserId, String)>,
+    /// Last forwarded typing indicator per user.
+    typing: HashMap<UserId, Instant>,
+    last_activity: Instant,
+    retiring: bool,
+}
+
+/// A commit in flight: what to do once it lands.
+struct InFlight {
+    writes: Arc<Writes>,
+    batch: Batch,
+    waiters: Vec<Waiter>,
+    pointer_waiters: Vec<ReplyTo>,
+    /// Members whose pointers this commit writes (dirty again if it is redone).
+    flushed: Vec<UserId>,
+}
+
+/// The group actor.
+pub struct Group;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Actor for Group {
+    type Msg = GroupMessage;
+    type State = GroupState;
+    type Arguments = GroupArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: GroupArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        // Nothing slow here: the host waits for pre_start. Loading happens in
+        // post_start, while requests already queue in the mailbox.
+        Ok(GroupState {
+            id: args.id,
+            router: args.router,
+            epoch: 0,
+            meta: None,
+            head: 0,
+            members: HashMap::new(),
+            pending: VecDeque::new(),
+            in_flight: None,
+            dirty: HashSet::new(),
+            pointer_waiters: Vec::new(),
+            flush_scheduled: false,
+            recent: HashMap::new(),
+            recent_order: VecDeque::new(),
+            typing: HashMap::new(),
+            last_activity: Instant::now(),
+            retiring: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let gid = state.id.to_string();
+        // Load and fence in one transaction: a new epoch, then the state. A
+        // group that does not exist takes no epoch (its creation does).
+        let loaded = state
+            .router
+            .store()
+            .write(move |t, m| {
+                let Some(meta) = m.meta(t, &gid)? else {
+                    return Ok(None);
+                };
+                let epoch = m.claim_epoch(t, &gid)?;
+                let head = m.head(t, &gid)?;
+                let members = m.members(t, &gid)?;
+                Ok(Some((meta, epoch, head, members)))
+            })
+            .await
+            .map_err(|e| format!("loading group {}: {e}", state.id))?;
+        if let Some((meta, epoch, head, members)) = loaded {
+            state.members = members
+                .iter()
+                .filter_map(|(u, r)| Some((UserId::parse(u)?, Member::from_record(r))))
+                .collect();
+            state.meta = Some(meta);
+            state.epoch = epoch;
+            state.head = head;
+        }
+        debug!(group = %state.id, epoch = state.epoch, head = state.head, exists = state.exists(), "group loaded");
+        let idle = state.router.config().tuning.group_idle;
+        myself.send_interval(idle / 2, || GroupMessage::IdleTick);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            GroupMessage::Request { user, op, reply } => {
+                state.last_activity = Instant::now();
+                state.request(&myself, user, op, reply);
+            }
+            GroupMessage::Committed(result) => state.committed(&myself, result),
+            GroupMessage::FlushTick => {
+                state.flush_scheduled = false;
+                state.maybe_commit(&myself, true);
+            }
+            GroupMessage::IdleTick => {
+                let idle = state.router.config().tuning.group_idle;
+                if !state.retiring
+                    && state.last_activity.elapsed() >= idle
+                    && state.in_flight.is_none()
+                    && state.pending.is_empty()
+                    && state.dirty.is_empty()
+                {
+                    state.retiring = true;
+                    state.router.retire(&state.id, &myself);
+                }
+            }
+            GroupMessage::Retire => {
+                state.retiring = true;
+                if state.in_flight.is_none() && state.pending.is_empty() && state.dirty.is_empty() {
+                    myself.stop(Some("retired".into()));
+                } else {
+                    // Finish the work in hand; `committed` stops us after.
+                    state.maybe_commit(&myself, true);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GroupState {
+    fn exists(&self) -> bool {
+        self.meta.is_some()
+    }
+
+    fn request(
+        &mut self,
+        myself: &ActorRef<GroupMessage>,
+        user: UserId,
+        op: GroupOp,
+        reply: ReplyTo,
+    ) {
+        // Requests that need no commit are answered here and now.
+        match op {
+            GroupOp::Create { .. } => {}
+            _ if !self.exists() => {
+                return reply.fail(ChatError::NotFound(format!("group {}", self.id)));
+            }
+            GroupOp::MarkDelivered(seq) => return self.mark(myself, &user, seq, false, reply),
+            GroupOp::MarkRead(seq) => return self.mark(myself, &user, seq, true, reply),
+            GroupOp::Typing => return self.typing(&user, reply),
+            GroupOp::Readers(seq) => return self.readers(&user, seq, reply),
+            GroupOp::Send(ref s) => {
+                // A retry of a recent send is answered from memory; one of a
+                // send still waiting is attached to it.
+                if let Some(rec) = self.recent.get(&(user.clone(), s.client_msg_id.clone())) {
+                    return reply.send(Ok(sent(&self.id, &s.client_msg_id, rec)));
+                }
+                if let Some(w) = self.pending_send(&user, &s.client_msg_id) {
+                    w.extra.push(reply);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        self.pending.push_back(Waiter::new(user, op, reply));
+        self.maybe_commit(myself, false);
+    }
+
+    fn pending_send(&mut self, user: &UserId, cmid: &str) -> Option<&mut Waiter> {
+        let in_flight = self.in_flight.as_mut().map(|f| f.waiters.iter_mut());
+        self.pending
+            .iter_mut()
+            .chain(in_flight.into_iter().flatten())
+            .find(|w| {
+                w.user == *user && matches!(&w.op, GroupOp::Send(s) if s.client_msg_id == cmid)
+            })
+    }
+
+    fn member(&self, user: &UserId) -> ChatResult<&Member> {
+        self.members
+            .get(user)
+            .ok_or_else(|| ChatError::Forbidden(format!("{user} is not a member of {}", self.id)))
+    }
+
+    fn mark(
+        &mut self,
+        myself: &ActorRef<GroupMessage>,
+        user: &UserId,
+        seq: u64,
+        read: bool,
+        reply: ReplyTo,
+    ) {
+        let head = self.head;
+        let m = match self.members.get_mut(user) {
+            Some(m) => m,
+            None => {
+                return reply.fail(ChatError::Forbidden(format!("not a member of {}", self.id)));
+            }
+        };
+        let seq = seq.min(head);
+        let mut changed = false;
+        if seq > m.delivered {
+            m.delivered = seq;
+            changed = true;
+        }
+        if read && seq > m.read {
+            m.read = seq;
+            changed = true;
+        }
+        if !changed {
+            return reply.ok();
+        }
+        self.dirty.insert(user.clone());
+        self.pointer_waiters.push(reply);
+        self.schedule_flush(myself);
+    }
+
+    /// Makes sure a [`GroupMessage::FlushTick`] comes within `pointer_flush`.
+    fn schedule_flush(&mut self, myself: &ActorRef<GroupMessage>) {
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            let delay = self.router.config().tuning.pointer_flush;
+            myself.send_after(delay, || GroupMessage::FlushTick);
+        }
+    }
+
+    fn typing(&mut self, user: &UserId, reply: ReplyTo) {
+        if let Err(e) = self.member(user) {
+            return reply.fail(e);
+        }
+        let throttle = self.router.config().tuning.typing_throttle;
+        let now = Instant::now();
+        match self.typing.get(user) {
+            Some(last) if now.duration_since(*last) < throttle => {}
+            _ => {
+                self.typing.insert(user.clone(), now);
+                if self.typing.len() > 10_000 {
+                    self.typing.retain(|_, t| now.duration_since(*t) < throttle);
+                }
+                let push = SharedPush::new(Kind::Typing(v1::TypingEvent {
+                    group_id: self.id.to_string(),
+                    user_id: user.to_string(),
+                }));
+                self.router.broadcast(RelayMessage::Deliver {
+                    group: self.id.clone(),
+                    pushes: vec![push],
+                    except: Some(user.clone()),
+                });
+            }
+        }
+        // Typing has no reply on the wire; the handle is consumed silently.
+        reply.silent();
+    }
+
+    fn readers(&self, user: &UserId, seq: u64, reply: ReplyTo) {
+        if let Err(e) = self.member(user) {
+            return reply.fail(e);
+        }
+        if seq == 0 || seq > self.head {
+            return reply.fail(ChatError::NotFound(format!("message {seq}")));
+        }
+        let detail = self.members.len() <= self.router.config().limits.receipts_detail_limit;
+        let mut read_by = 0;
+        let mut delivered_to = 0;
+        let mut readers = Vec::new();
+        for (u, m) in &self.members {
+            if m.read >= seq {
+                read_by += 1;
+                if detail {
+                    readers.push(u.to_string());
+                }
+            }
+            if m.delivered >= seq {
+                delivered_to += 1;
+            }
+        }
+        readers.sort();
+        reply.send(Ok(Kind::Readers(v1::ReadersReply {
+            group_id: self.id.to_string(),
+            seq,
+            read_by,
+            delivered_to,
+            readers,
+        })));
+    }
+
+    /// Starts a commit if none is in flight and there is work: pending
+    /// requests, or (when `pointers_due`) dirty pointers.
+    fn maybe_commit(&mut self, myself: &ActorRef<GroupMessage>, pointers_due: bool) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let (mut batch, waiters) = plan::plan(self);
+        let with_pointers =
+            !self.dirty.is_empty() && (pointers_due || !batch.is_empty() || self.retiring);
+        if batch.is_empty() && !with_pointers {
+            // Nothing to write: the planned requests (no-ops) are answered now.
+            for w in waiters {
+                let result = w.result.clone().unwrap_or(Ok(Kind::Ok(v1::Ok {})));
+                w.answer(|| result.clone());
+            }
+            if self.retiring {
+                myself.stop(Some("retired".into()));
+            }
+            return;
+        }
+        let mut flushed = Vec::new();
+        let pointer_waiters = if with_pointers {
+            for u in self.dirty.drain() {
+                if let Some(m) = self.members.get(&u) {
+                    batch.writes.pointers.push((u.to_string(), m.record()));
+                    flushed.push(u);
+                }
+            }
+            std::mem::take(&mut self.pointer_waiters)
+        } else {
+            Vec::new()
+        };
+        let writes = batch.shared_writes();
+        let store = self.router.store().clone();
+        let me = myself.clone();
+        let job = writes.clone();
+        tokio::spawn(async move {
+            let result = match store.write_with(move |t, m| commit_txn(t, m, &job)).await {
+                Ok(outcome) => Ok(outcome),
+                Err(TxError::Abort(rejected)) => Err(rejected),
+                Err(TxError::Db(e)) => Err(CommitFailure::Storage(e.into())),
+            };
+            let _ = me.cast(GroupMessage::Committed(result));
+        });
+        self.in_flight = Some(InFlight {
+            writes,
+            batch,
+            waiters,
+            pointer_waiters,
+            flushed,
+        });
+    }
+
+    fn committed(
+        &mut self,
+        myself: &ActorRef<GroupMessage>,
+        result: Result<CommitOutcome, CommitFailure>,
+    ) {
+        let Some(flight) = self.in_flight.take() else {
+            warn!(group = %self.id, "commit result without a commit in flight");
+            return;
+        };
+        match result {
+            Ok(CommitOutcome::Written) => self.apply(myself, flight),
+            Ok(CommitOutcome::Duplicates(dups)) => self.requeue_after_duplicates(flight, dups),
+            Err(failure) => return self.fail_and_stop(myself, flight, failure),
+        }
+        self.maybe_commit(myself, false);
+        if self.retiring
+            && self.in_flight.is_none()
+            && self.pending.is_empty()
+            && self.dirty.is_empty()
+        {
+            myself.stop(Some("retired".into()));
+        }
+    }
+
+    /// Some sends of the batch had been committed before this actor
+    /// started: answer them with their original outcome, put the rest back
+    /// in front of the queue (nothing was written), to be planned again.
+    fn requeue_after_duplicates(
+        &mut self,
+        flight: InFlight,
+        dups: Vec<(String, String, DedupeRecord)>,
+    ) {
+        self.dirty.extend(flight.flushed);
+        self.pointer_waiters.extend(flight.pointer_waiters);
+        for w in flight.waiters.into_iter().rev() {
+            let hit = match &w.op {
+                GroupOp::Send(s) => dups
+                    .iter()
+                    .find(|(u, c, _)| u == w.user.as_str() && *c == s.client_msg_id)
+                    .map(|(_, c, r)| (c.clone(), r.clone())),
+                _ => None,
+            };
+            match hit {
+                Some((cmid, rec)) => {
+                    self.remember(&w.user, &cmid, &rec);
+                    let reply = sent(&self.id, &cmid, &rec);
+                    w.answer(|| Ok(reply.clone()));
+                }
+                None => {
+                    let mut w = w;
+                    w.result = None;
+                    self.pending.push_front(w);
+                }
+            }
+        }
+    }
+
+    /// A commit failed: answer everyone in it and stop. Our view may be
+    /// stale (fenced, or an unknown commit result), so the next request
+    /// loads the group afresh; requests still queued are answered
+    /// `UNAVAILABLE` as their handles drop.
+    fn fail_and_stop(
+        &mut self,
+        myself: &ActorRef<GroupMessage>,
+        flight: InFlight,
+        failure: CommitFailure,
+    ) {
+        let err = match &failure {
+            CommitFailure::Fenced => {
+                info!(group = %self.id, epoch = self.epoch, "fenced by a newer owner; stopping");
+                metrics::counter!("chat_group_fenced_total").increment(1);
+                ChatError::Unavailable("group moved; retry".into())
+            }
+            CommitFailure::Stale(s) => {
+                warn!(group = %self.id, reason = %s, "stale group state; stopping");
+                ChatError::Unavailable("group reloading; retry".into())
+            }
+            CommitFailure::Storage(e) => {
+                warn!(group = %self.id, error = %e, "commit failed; stopping");
+                e.clone()
+            }
+        };
+        for w in flight.waiters {
+            w.answer(|| Err(err.clone()));
+        }
+        for r in flight.pointer_waiters {
+            r.fail(err.clone());
+        }
+        self.retiring = true;
+        self.router.retire(&self.id, myself);
+        myself.stop(Some("commit failed".into()));
+    }
+
+    /// Applies a committed batch to the state, answers, and fans out.
+    fn apply(&mut self, myself: &ActorRef<GroupMessage>, flight: InFlight) {
+        let InFlight {
+            writes,
+            batch,
+            waiters,
+            pointer_waiters,
+            ..
+        } = flight;
+        for r in pointer_waiters {
+            r.ok();
+        }
+        if let Some(meta) = &writes.create {
+            self.meta = Some(meta.clone());
+            self.epoch = writes.epoch + 1;
+        }
+        self.head = writes.head;
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for effect in batch.effects {
+            match effect {
+                Effect::Added(u, m) => {
+                    added.push((u.clone(), m.joined_at_seq));
+                    self.members.insert(u, m);
+                }
+                Effect::Role(u, r) => {
+                    if let Some(m) = self.members.get_mut(&u) {
+                        m.role = r;
+                    }
+                }
+                Effect::Removed(u) => {
+                    self.members.remove(&u);
+                    self.dirty.remove(&u);
+                    self.typing.remove(&u);
+                    removed.push(u);
+                }
+                Effect::SenderRead(u, seq) => {
+                    if let Some(m) = self.members.get_mut(&u) {
+                        m.read = m.read.max(seq);
+                        m.delivered = m.delivered.max(seq);
+                        self.dirty.insert(u);
+                    }
+                }
+            }
+        }
+        if let Some(meta) = &mut self.meta {
+            meta.member_count = self.members.len() as u32;
+        }
+        for (u, c, rec) in &writes.dedupes {
+            if let Some(u) = UserId::parse(u) {
+                self.remember(&u, c, rec);
+            }
+        }
+        metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
+        metrics::histogram!("chat_commit_batch_messages").record(writes.log.len() as f64);
+        // Fan out in seq order: joins before the pushes, leaves after.
+        if !added.is_empty() {
+            self.router.broadcast(RelayMessage::MembersAdded {
+                group: self.id.clone(),
+                users: added,
+            });
+        }
+        if !batch.pushes.is_empty() {
+            let pushes = batch.pushes.into_iter().map(SharedPush::new).collect();
+            self.router.broadcast(RelayMessage::Deliver {
+                group: self.id.clone(),
+                pushes,
+                except: None,
+            });
+        }
+        if !removed.is_empty() {
+            self.router.broadcast(RelayMessage::MembersRemoved {
+                group: self.id.clone(),
+                users: removed,
+                seq: writes.head,
+            });
+        }
+        for w in waiters {
+            let result = w.result.clone().unwrap_or_else(|| {
+                Err(ChatError::Internal(
+                    "planned request without an outcome".into(),
+                ))
+            });
+            w.answer(|| result.clone());
+        }
+        if !self.dirty.is_empty() {
+            self.schedule_flush(myself);
+        }
+    }
+
+    fn remember(&mut self, user: &UserId, cmid: &str, rec: &DedupeRecord) {
+        let key = (user.clone(), cmid.to_string());
+        if self.recent.insert(key.clone(), rec.clone()).is_none() {
+            self.recent_order.push_back(key);
+        }
+        while self.recent_order.len() > self.router.config().tuning.dedupe_cache {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+    }
+}
+
+/// The commit transaction: fence, dedupe, then write the batch. A pure
+/// function of the batch, so it can be retried.
+fn commit_txn(
+    t: &mut dyn storage::Txn,
+    m: &storage::model::Model,
+    w: &Writes,
+) -> Result<CommitOutcome, TxError<CommitFailure>> {
+    let gid = w.group.as_str();
+    if m.epoch(t, gid)? != w.epoch {
+        return Err(TxError::Abort(CommitFailure::Fenced));
+    }
+    if m.head(t, gid)? != w.base_head {
+        return Err(TxError::Abort(CommitFailure::Stale("head moved".into())));
+    }
+    let mut dups = Vec::new();
+    for (u, c, _) in &w.dedupes {
+        if let Some(rec) = m.dedupe(t, gid, u, c)? {
+            dups.push((u.clone(), c.clone(), rec));
+        }
+    }
+    if !dups.is_empty() {
+        return Ok(CommitOutcome::Duplicates(dups));
+    }
+    if let Some(meta) = &w.create {
+        if m.meta(t, gid)?.is_some() {
+            return Err(TxError::Abort(CommitFailure::Stale(
+                "group created concurrently".into(),
+            )));
+        }
+        m.claim_epoch(t, gid)?;
+        m.put_meta(t, gid, meta)?;
+    }
+    for (u, rec) in &w.pointers {
+        m.update_member(t, gid, u, rec)?;
+    }
+    if !w.adds.is_empty()
+        && let Err(full) = m.add_members(t, gid, &w.adds)?
+    {
+        return Err(TxError::Abort(CommitFailure::Stale(format!(
+            "member limit disagrees: {full:?}"
+        ))));
+    }
+    if !w.removes.is_empty() {
+        m.remove_members(t, gid, &w.removes)?;
+    }
+    for (u, rec) in &w.updates {
+        m.update_member(t, gid, u, rec)?;
+    }
+    for (seq, body) in &w.log {
+        m.put_log(t, gid, *seq, body)?;
+    }
+    for (u, c, rec) in &w.dedupes {
+        m.put_dedupe(t, gid, u, c, rec)?;
+    }
+    for (parent, seq) in &w.threads {
+        m.put_thread(t, gid, *parent, *seq)?;
+    }
+    for (seq, emoji, u, present) in &w.reactions {
+        m.set_reaction(t, gid, *seq, emoji, u, *present)?;
+    }
+    if w.head != w.base_head {
+        m.set_head(t, gid, w.head)?;
+    }
+    Ok(CommitOutcome::Written)
+}
+
+/// The `sent` reply of a committed send.
+fn sent(group: &GroupId, cmid: &str, rec: &DedupeRecord) -> Kind {
+    Kind::Sent(v1::Sent {
+        group_id: group.to_string(),
+        client_msg_id: cmid.to_string(),
+        seq: rec.seq,
+        sent_at_ms: rec.sent_at_ms,
+    })
+}
+
+/// Encodes a log entry.
+fn encode(msg: &v1::Message) -> Vec<u8> {
+    msg.encode_to_vec()
+}

@@ -1,0 +1,44 @@
+//! The actors of the chat cluster and the routing API that addresses them by id.
+//!
+//! Owns the group actor (single writer of a group: sequence numbers, group
+//! commit, fan-out, pointers), the session actor (one per connection), the
+//! relay (one per node: delivers pushes to local sessions) and the host (one
+//! per node: starts and supervises group actors), plus [`Router`], the one
+//! way to reach an entity without knowing where it lives.
+//!
+//! Who talks to it: `node` starts a [`Router`] and one [`session::Session`]
+//! per accepted WebSocket, and drains each connection's [`outbound`] queue;
+//! internal services use [`Router`]. It uses `storage` (through [`store`],
+//! off the async runtime) and `proto` (message types).
+//!
+//! What it must not do: touch sockets, signals or config files (that is
+//! `node`), or block an async worker.
+//!
+//! Layout:
+//! - [`ids`]: `UserId`, `GroupId`, `SessionId`.
+//! - [`error`]: `ChatError`, the request failures `node` maps to error codes.
+//! - [`config`]: limits and timings.
+//! - [`store`]: async storage access.
+//! - [`outbound`]: bounded per-connection queues, shared pushes, reply handles.
+//! - [`router`], [`host`]: addressing and supervision of group actors.
+//! - [`group`] (+ `group/plan.rs`, the pure commit planner), [`session`], [`relay`].
+//! - [`ratelimit`]: the per-connection token bucket.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod group;
+pub mod host;
+pub mod ids;
+pub mod outbound;
+pub mod ratelimit;
+pub mod relay;
+pub mod router;
+pub mod session;
+pub mod store;
+
+pub use config::{ActorConfig, Limits, Tuning};
+pub use error::{ChatError, ChatResult};
+pub use ids::{GroupId, SessionId, UserId};
+pub use router::Router;
+pub use store::Store;

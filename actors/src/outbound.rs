@@ -1,0 +1,310 @@
+//! The way out to a client: a bounded queue per connection, shared pushes
+//! encoded once, and reply handles that always answer.
+//!
+//! Producers (session, group and relay actors) never block on a client: they
+//! `try_send` into the connection's bounded queue. A full queue means the
+//! client does not read fast enough; the connection is then cut off with
+//! close code [`CLOSE_SLOW_CONSUMER`] (the client reconnects and pulls
+//! history), so memory per connection stays bounded.
+//!
+//! The consumer is the connection task in `node`, which owns the socket,
+//! encodes replies, and writes queued frames in batches.
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use proto::Encoding;
+use proto::v1::{ServerFrame, server_frame};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+
+use crate::error::{ChatError, ChatResult};
+
+/// Close code: the client's outbound queue filled up.
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code: the node is going away (shutdown or drain).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// One item of a connection's outbound queue.
+#[derive(Debug)]
+pub enum Outbound {
+    /// The reply to request `id`, encoded by the connection in the
+    /// request's encoding; errors are mapped to error frames there.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The request's encoding, which the reply uses.
+        encoding: Encoding,
+        /// What to answer.
+        result: ChatResult<server_frame::Kind>,
+    },
+    /// A push shared by every recipient.
+    Push(Arc<SharedPush>),
+}
+
+/// A push frame shared by many connections, encoded at most once per encoding.
+#[derive(Debug)]
+pub struct SharedPush {
+    frame: ServerFrame,
+    json: OnceLock<Bytes>,
+    binary: OnceLock<Bytes>,
+}
+
+impl SharedPush {
+    /// A push of `kind`.
+    pub fn new(kind: server_frame::Kind) -> Arc<Self> {
+        Arc::new(SharedPush {
+            frame: proto::codec::push(kind),
+            json: OnceLock::new(),
+            binary: OnceLock::new(),
+        })
+    }
+
+    /// The frame.
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+
+    /// The JSON encoding (UTF-8), computed on first use.
+    pub fn json(&self) -> &Bytes {
+        self.json
+            .get_or_init(|| Bytes::from(proto::codec::encode_json(&self.frame)))
+    }
+
+    /// The protobuf encoding, computed on first use.
+    pub fn binary(&self) -> &Bytes {
+        self.binary
+            .get_or_init(|| Bytes::from(proto::codec::encode_binary(&self.frame)))
+    }
+}
+
+#[derive(Debug, Default)]
+struct KillSwitch {
+    /// 0 while the connection may live; otherwise the close code to use.
+    code: AtomicU16,
+    notify: Notify,
+}
+
+/// The producers' side of a connection: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    tx: mpsc::Sender<Outbound>,
+    kill: Arc<KillSwitch>,
+}
+
+/// The connection task's side.
+#[derive(Debug)]
+pub struct OutboundQueue {
+    /// Queued frames.
+    pub rx: mpsc::Receiver<Outbound>,
+    kill: Arc<KillSwitch>,
+}
+
+impl SessionHandle {
+    /// A new connection queue holding at most `capacity` frames.
+    pub fn channel(capacity: usize) -> (SessionHandle, OutboundQueue) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let kill = Arc::new(KillSwitch::default());
+        (
+            SessionHandle {
+                tx,
+                kill: kill.clone(),
+            },
+            OutboundQueue { rx, kill },
+        )
+    }
+
+    /// Queues a frame without waiting. A full queue cuts the connection off
+    /// as a slow consumer. Returns whether the frame was queued.
+    pub fn push(&self, item: Outbound) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(CLOSE_SLOW_CONSUMER);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the connection to close with `code` (the first code asked wins).
+    pub fn close(&self, code: u16) {
+        if self
+            .kill
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.kill.notify.notify_one();
+        }
+    }
+
+    /// Whether the connection is gone or closing.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.kill.code.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether both handles feed the same connection.
+    pub fn same(&self, other: &SessionHandle) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+}
+
+impl OutboundQueue {
+    /// Resolves with the close code once a producer asked to close.
+    pub async fn closed(&self) -> u16 {
+        wait_closed(&self.kill).await
+    }
+
+    /// A watcher of close requests that does not borrow the queue.
+    pub fn close_watch(&self) -> CloseWatch {
+        CloseWatch(self.kill.clone())
+    }
+}
+
+/// Watches a connection's close requests (see [`OutboundQueue::close_watch`]).
+#[derive(Debug, Clone)]
+pub struct CloseWatch(Arc<KillSwitch>);
+
+impl CloseWatch {
+    /// Resolves with the close code once a producer asked to close.
+    pub async fn closed(&self) -> u16 {
+        wait_closed(&self.0).await
+    }
+}
+
+async fn wait_closed(kill: &KillSwitch) -> u16 {
+    loop {
+        let code = kill.code.load(Ordering::Acquire);
+        if code != 0 {
+            return code;
+        }
+        kill.notify.notified().await;
+    }
+}
+
+/// The handle a request's reply goes through. It always answers: dropped
+/// unanswered (an actor stopped with the request in its mailbox), it replies
+/// `UNAVAILABLE` so the client can retry instead of waiting forever. It also
+/// holds the connection's in-flight permit until the reply is queued.
+#[derive(Debug)]
+pub struct ReplyTo {
+    id: u64,
+    encoding: Encoding,
+    session: SessionHandle,
+    answered: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl ReplyTo {
+    /// A reply handle for request `id` (which arrived in `encoding`) on
+    /// `session`, holding the connection's in-flight `permit`.
+    pub fn new(
+        id: u64,
+        encoding: Encoding,
+        session: SessionHandle,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        ReplyTo {
+            id,
+            encoding,
+            session,
+            answered: false,
+            _permit: permit,
+        }
+    }
+
+    /// The request id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sends the reply.
+    pub fn send(mut self, result: ChatResult<server_frame::Kind>) {
+        self.answered = true;
+        self.session.push(Outbound::Reply {
+            id: self.id,
+            encoding: self.encoding,
+            result,
+        });
+    }
+
+    /// Replies `ok`.
+    pub fn ok(self) {
+        self.send(Ok(server_frame::Kind::Ok(proto::v1::Ok {})))
+    }
+
+    /// Replies with an error.
+    pub fn fail(self, e: ChatError) {
+        self.send(Err(e))
+    }
+
+    /// Consumes the handle without a reply, for requests that have none on
+    /// the wire (`typing`); the in-flight permit is released.
+    pub fn silent(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.session.push(Outbound::Reply {
+                id: self.id,
+                encoding: self.encoding,
+                result: Err(ChatError::Unavailable(
+                    "request interrupted; retry it".into(),
+                )),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_of(o: Outbound) -> (u64, ChatResult<server_frame::Kind>) {
+        match o {
+            Outbound::Reply { id, result, .. } => (id, result),
+            Outbound::Push(_) => panic!("expected a reply"),
+        }
+    }
+
+    #[tokio::test]
+    async fn dropped_reply_answers_unavailable() {
+        let (h, mut q) = SessionHandle::channel(4);
+        drop(ReplyTo::new(7, Encoding::Json, h.clone(), None));
+        let (id, r) = reply_of(q.rx.recv().await.expect("a reply"));
+        assert_eq!(id, 7);
+        assert!(matches!(r, Err(ChatError::Unavailable(_))));
+        ReplyTo::new(8, Encoding::Json, h, None).ok();
+        let (id, r) = reply_of(q.rx.recv().await.expect("a reply"));
+        assert_eq!(id, 8);
+        assert!(r.is_ok());
+    }
+
+    #[tokio::test]
+    async fn full_queue_closes_as_slow_consumer() {
+        let (h, q) = SessionHandle::channel(2);
+        let p = SharedPush::new(server_frame::Kind::Ok(proto::v1::Ok {}));
+        assert!(h.push(Outbound::Push(p.clone())));
+        assert!(h.push(Outbound::Push(p.clone())));
+        assert!(!h.is_closed());
+        assert!(!h.push(Outbound::Push(p.clone())));
+        assert!(h.is_closed());
+        assert_eq!(q.closed().await, CLOSE_SLOW_CONSUMER);
+        // The first code wins.
+        h.close(CLOSE_GOING_AWAY);
+        assert_eq!(q.closed().await, CLOSE_SLOW_CONSUMER);
+    }
+
+    #[test]
+    fn shared_push_encodes_once_per_encoding() {
+        let p = SharedPush::new(server_frame::Kind::Ok(proto::v1::Ok {}));
+        let a = p.json().clone();
+        assert_eq!(a.as_ptr(), p.json().as_ptr());
+        assert!(std::str::from_utf8(&a).is_ok());
+        assert!(!p.binary().is_empty() || p.frame().kind.is_some());
+    }
+}

@@ -1,0 +1,523 @@
+//! The session actor: one per WebSocket connection, on the node that
+//! accepted it.
+//!
+//! It holds the authenticated user (checked once, at upgrade, by `node`),
+//! registers the connection with the node's relay so pushes reach it,
+//! checks each request's shape, size and rate, and routes it: group
+//! requests to the group's actor (by id, through the [`Router`]), reads
+//! (`history`, `sync`) straight to storage on a task of their own. Replies
+//! go through each request's [`ReplyTo`] into the connection's bounded
+//! outbound queue, so a slow client never blocks an actor.
+//!
+//! Spawned by the connection task in `node`, which owns the socket, decodes
+//! frames and stops this actor when the socket closes. If the actor dies,
+//! the connection closes (the client reconnects and syncs).
+//!
+//! What it must not do: touch the socket, keep per-user state beyond the
+//! connection, or wait on storage inside `handle`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use prost::Message as _;
+use proto::v1::{self, client_frame::Kind as Req, server_frame::Kind};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use storage::TxError;
+use storage::model::{LogQuery, role};
+use tracing::debug;
+
+use crate::error::{ChatError, ChatResult};
+use crate::group::{GroupMessage, GroupOp};
+use crate::ids::{GroupId, SessionId, UserId};
+use crate::outbound::{ReplyTo, SessionHandle};
+use crate::ratelimit::TokenBucket;
+use crate::relay::RelayMessage;
+use crate::router::Router;
+use crate::store::Store;
+
+/// Messages of a session actor.
+#[derive(Debug)]
+pub enum SessionMessage {
+    /// A decoded client request, answered through `reply`.
+    Request {
+        /// The request.
+        kind: Req,
+        /// Where the answer goes.
+        reply: ReplyTo,
+    },
+}
+
+impl ractor::Message for SessionMessage {}
+
+/// Arguments of a session actor.
+pub struct SessionArgs {
+    /// The authenticated user.
+    pub user: UserId,
+    /// The connection's outbound queue.
+    pub handle: SessionHandle,
+    /// This node's router.
+    pub router: Router,
+}
+
+/// The session's state.
+///
+/// Invariant: while the actor runs, the relay holds this session under
+/// `(user, id)` (registered in `pre_start`, unregistered in `post_stop`).
+pub struct SessionState {
+    user: UserId,
+    id: SessionId,
+    router: Router,
+    limiter: TokenBucket,
+}
+
+/// The session actor.
+pub struct Session;
+
+impl Actor for Session {
+    type Msg = SessionMessage;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let id = args.router.next_session_id();
+        let l = &args.router.config().limits;
+        let limiter = TokenBucket::new(l.rate_per_sec, l.rate_burst, Instant::now());
+        // Register first, then read the group list: a membership change
+        // committed in between reaches the relay after the registration, and
+        // the relay's removal marks beat a stale list (see relay.rs).
+        args.router.relay().cast(RelayMessage::Register {
+            user: args.user.clone(),
+            session: id,
+            handle: args.handle.clone(),
+        })?;
+        let uid = args.user.to_string();
+        let groups = args
+            .router
+            .store()
+            .read(move |t, m| Ok(m.user_groups(t, &uid)?))
+            .await;
+        let groups = match groups {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = args.router.relay().cast(RelayMessage::Unregister {
+                    user: args.user.clone(),
+                    session: id,
+                });
+                return Err(format!("loading groups of {}: {e}", args.user).into());
+            }
+        };
+        let groups = groups
+            .into_iter()
+            .filter_map(|(g, seq)| Some((GroupId::parse(&g)?, seq)))
+            .collect();
+        args.router.relay().cast(RelayMessage::Attach {
+            user: args.user.clone(),
+            groups,
+        })?;
+        metrics::gauge!("chat_sessions").increment(1.0);
+        debug!(user = %args.user, session = %id, "session started");
+        Ok(SessionState {
+            user: args.user,
+            id,
+            router: args.router,
+            limiter,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = state.router.relay().cast(RelayMessage::Unregister {
+            user: state.user.clone(),
+            session: state.id,
+        });
+        metrics::gauge!("chat_sessions").decrement(1.0);
+        debug!(user = %state.user, session = %state.id, "session ended");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SessionMessage::Request { kind, reply } = message;
+        if !state.limiter.try_take(Instant::now()) {
+            metrics::counter!("chat_requests_rate_limited_total").increment(1);
+            reply.fail(ChatError::RateLimited);
+            return Ok(());
+        }
+        metrics::counter!("chat_requests_total", "kind" => proto::codec::kind_name(&kind))
+            .increment(1);
+        if let Err((e, reply)) = state.request(kind, reply).await {
+            reply.fail(e);
+        }
+        Ok(())
+    }
+}
+
+/// A failed request with its unanswered reply handle.
+type Rejected = (ChatError, ReplyTo);
+
+fn group_id(s: &str) -> ChatResult<GroupId> {
+    GroupId::parse(s).ok_or_else(|| ChatError::Invalid(format!("bad group id {s:?}")))
+}
+
+fn user_id(s: &str) -> ChatResult<UserId> {
+    UserId::parse(s).ok_or_else(|| ChatError::Invalid(format!("bad user id {s:?}")))
+}
+
+/// Longest `clientMsgId`, in bytes.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
+/// Longest attachment URL, in bytes.
+pub const MAX_URL_BYTES: usize = 2_048;
+/// Most reactions listed per emoji in `history`.
+pub const MAX_REACTION_USERS: usize = 20;
+
+impl SessionState {
+    fn users(&self, ids: &[String]) -> ChatResult<Vec<UserId>> {
+        if ids.len() > self.router.config().limits.max_users_per_request {
+            return Err(ChatError::TooLarge(format!(
+                "at most {} users per request",
+                self.router.config().limits.max_users_per_request
+            )));
+        }
+        ids.iter().map(|s| user_id(s)).collect()
+    }
+
+    fn check_send(&self, s: &v1::Send) -> ChatResult<()> {
+        let l = &self.router.config().limits;
+        if s.client_msg_id.is_empty() || s.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
+            return Err(ChatError::Invalid(format!(
+                "clientMsgId must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
+            )));
+        }
+        if s.text.len() > l.max_text_bytes {
+            return Err(ChatError::TooLarge(format!(
+                "text is {} bytes; the limit is {}",
+                s.text.len(),
+                l.max_text_bytes
+            )));
+        }
+        if s.text.is_empty() && s.attachments.is_empty() {
+            return Err(ChatError::Invalid(
+                "a message needs text or attachments".into(),
+            ));
+        }
+        if s.mentions.len() > l.max_mentions || s.attachments.len() > l.max_attachments {
+            return Err(ChatError::TooLarge(format!(
+                "at most {} mentions and {} attachments",
+                l.max_mentions, l.max_attachments
+            )));
+        }
+        for m in &s.mentions {
+            user_id(m)?;
+        }
+        for a in &s.attachments {
+            if a.url.is_empty()
+                || a.url.len() > MAX_URL_BYTES
+                || a.name.len() > 1024
+                || a.mime_type.len() > 255
+            {
+                return Err(ChatError::Invalid(
+                    "attachment url, name or type out of bounds".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn to_group(&self, group: GroupId, op: GroupOp, reply: ReplyTo) -> Result<(), Rejected> {
+        let msg = GroupMessage::Request {
+            user: self.user.clone(),
+            op,
+            reply,
+        };
+        // If routing fails, the message (and its reply handle) is dropped:
+        // the handle answers UNAVAILABLE by itself.
+        if let Err(e) = self.router.to_group(&group, msg).await {
+            debug!(group = %group, error = %e, "routing failed");
+        }
+        Ok(())
+    }
+
+    async fn request(&mut self, kind: Req, reply: ReplyTo) -> Result<(), Rejected> {
+        macro_rules! check {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Err((e, reply)),
+                }
+            };
+        }
+        let limits = &self.router.config().limits;
+        match kind {
+            Req::CreateGroup(c) => {
+                if c.name.len() > limits.max_name_bytes {
+                    return Err((ChatError::TooLarge("group name".into()), reply));
+                }
+                let members = check!(self.users(&c.members));
+                let op = GroupOp::Create {
+                    name: c.name,
+                    members,
+                    direct: false,
+                };
+                self.to_group(GroupId::random(), op, reply).await
+            }
+            Req::OpenDirect(o) => {
+                let peer = check!(user_id(&o.user_id));
+                if peer == self.user {
+                    return Err((
+                        ChatError::Invalid("a 1:1 chat needs another user".into()),
+                        reply,
+                    ));
+                }
+                let op = GroupOp::Create {
+                    name: String::new(),
+                    members: vec![peer.clone()],
+                    direct: true,
+                };
+                self.to_group(GroupId::direct(&self.user, &peer), op, reply)
+                    .await
+            }
+            Req::AddMembers(a) => {
+                let g = check!(group_id(&a.group_id));
+                let users = check!(self.users(&a.user_ids));
+                self.to_group(g, GroupOp::AddMembers(users), reply).await
+            }
+            Req::RemoveMembers(r) => {
+                let g = check!(group_id(&r.group_id));
+                let users = check!(self.users(&r.user_ids));
+                self.to_group(g, GroupOp::RemoveMembers(users), reply).await
+            }
+            Req::SetRole(r) => {
+                let g = check!(group_id(&r.group_id));
+                let user = check!(user_id(&r.user_id));
+                let role = match r.role() {
+                    v1::Role::Admin => role::ADMIN,
+                    v1::Role::Member => role::MEMBER,
+                    v1::Role::Unspecified => {
+                        return Err((
+                            ChatError::Invalid("role must be MEMBER or ADMIN".into()),
+                            reply,
+                        ));
+                    }
+                };
+                self.to_group(g, GroupOp::SetRole { user, role }, reply)
+                    .await
+            }
+            Req::LeaveGroup(l) => {
+                let g = check!(group_id(&l.group_id));
+                self.to_group(g, GroupOp::Leave, reply).await
+            }
+            Req::Send(s) => {
+                let g = check!(group_id(&s.group_id));
+                check!(self.check_send(&s));
+                self.to_group(g, GroupOp::Send(s), reply).await
+            }
+            Req::MarkDelivered(m) => {
+                let g = check!(group_id(&m.group_id));
+                self.to_group(g, GroupOp::MarkDelivered(m.seq), reply).await
+            }
+            Req::MarkRead(m) => {
+                let g = check!(group_id(&m.group_id));
+                self.to_group(g, GroupOp::MarkRead(m.seq), reply).await
+            }
+            Req::Typing(t) => {
+                let g = check!(group_id(&t.group_id));
+                self.to_group(g, GroupOp::Typing, reply).await
+            }
+            Req::React(r) => {
+                let g = check!(group_id(&r.group_id));
+                let op = GroupOp::React {
+                    seq: r.seq,
+                    emoji: r.emoji,
+                    remove: r.remove,
+                };
+                self.to_group(g, op, reply).await
+            }
+            Req::Readers(r) => {
+                let g = check!(group_id(&r.group_id));
+                self.to_group(g, GroupOp::Readers(r.seq), reply).await
+            }
+            Req::History(h) => {
+                let g = check!(group_id(&h.group_id));
+                let max = limits.max_history;
+                let limit = match h.limit {
+                    0 => 50.min(max),
+                    n if n as usize <= max => n as usize,
+                    _ => {
+                        return Err((
+                            ChatError::Invalid(format!("limit must be 1 to {max}")),
+                            reply,
+                        ));
+                    }
+                };
+                let store = self.router.store().clone();
+                let user = self.user.clone();
+                tokio::spawn(async move {
+                    reply.send(history(&store, &user, &g, &h, limit).await);
+                });
+                Ok(())
+            }
+            Req::Sync(_) => {
+                let store = self.router.store().clone();
+                let user = self.user.clone();
+                tokio::spawn(async move {
+                    reply.send(sync(&store, &user).await);
+                });
+                Ok(())
+            }
+            Req::SubscribePresence(_) => Err((
+                ChatError::Unavailable("presence is not available on this server version".into()),
+                reply,
+            )),
+            Req::Heartbeat(_) => {
+                reply.ok();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads a page of a group's history for a member.
+async fn history(
+    store: &Store,
+    user: &UserId,
+    group: &GroupId,
+    h: &v1::History,
+    limit: usize,
+) -> ChatResult<Kind> {
+    let (gid, uid) = (group.to_string(), user.to_string());
+    let (after, before, thread) = (h.after_seq, h.before_seq, h.thread_seq);
+    let (entries, has_more, reactions) = store
+        .read(move |t, m| {
+            if m.meta(t, &gid)?.is_none() {
+                return Err(TxError::Abort(ChatError::NotFound(format!("group {gid}"))));
+            }
+            if m.member(t, &gid, &uid)?.is_none() {
+                return Err(TxError::Abort(ChatError::Forbidden(format!(
+                    "not a member of {gid}"
+                ))));
+            }
+            let (entries, has_more) = match thread {
+                Some(parent) => {
+                    let (seqs, more) = m.thread_seqs(t, &gid, parent, after.unwrap_or(0), limit)?;
+                    let mut entries = Vec::with_capacity(seqs.len());
+                    for s in seqs {
+                        if let Some(body) = m.log_entry(t, &gid, s)? {
+                            entries.push((s, body));
+                        }
+                    }
+                    (entries, more)
+                }
+                None => {
+                    let q = match (after, before) {
+                        (None, None) => LogQuery::Latest,
+                        (Some(a), None) => LogQuery::After(a),
+                        (None, Some(b)) => LogQuery::Before(b),
+                        (Some(a), Some(b)) => LogQuery::Between(a, b),
+                    };
+                    let page = m.log_page(t, &gid, q, limit)?;
+                    (page.entries, page.has_more)
+                }
+            };
+            let mut reactions = Vec::with_capacity(entries.len());
+            for (s, _) in &entries {
+                reactions.push(m.reactions(t, &gid, *s)?);
+            }
+            Ok((entries, has_more, reactions))
+        })
+        .await?;
+    let mut messages = Vec::with_capacity(entries.len());
+    for ((seq, body), reacts) in entries.into_iter().zip(reactions) {
+        let mut msg = v1::Message::decode(&body[..])
+            .map_err(|e| ChatError::Internal(format!("log entry {seq}: {e}")))?;
+        msg.reactions = count_reactions(reacts);
+        messages.push(msg);
+    }
+    Ok(Kind::Messages(v1::Messages {
+        group_id: group.to_string(),
+        messages,
+        has_more,
+    }))
+}
+
+fn count_reactions(reacts: Vec<(String, String)>) -> Vec<v1::ReactionCount> {
+    let mut by_emoji: Vec<v1::ReactionCount> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (emoji, user) in reacts {
+        let i = *index.entry(emoji.clone()).or_insert_with(|| {
+            by_emoji.push(v1::ReactionCount {
+                emoji,
+                count: 0,
+                user_ids: Vec::new(),
+            });
+            by_emoji.len() - 1
+        });
+        let rc = &mut by_emoji[i];
+        rc.count += 1;
+        if rc.user_ids.len() < MAX_REACTION_USERS {
+            rc.user_ids.push(user);
+        }
+    }
+    by_emoji
+}
+
+/// Lists the user's groups with their pointers.
+async fn sync(store: &Store, user: &UserId) -> ChatResult<Kind> {
+    let uid = user.to_string();
+    let groups = store
+        .read(move |t, m| {
+            let mut out = Vec::new();
+            for (gid, _) in m.user_groups(t, &uid)? {
+                let (Some(meta), Some(mem)) = (m.meta(t, &gid)?, m.member(t, &gid, &uid)?) else {
+                    continue;
+                };
+                let head = m.head(t, &gid)?;
+                out.push(v1::GroupSummary {
+                    group_id: gid,
+                    name: meta.name,
+                    head_seq: head,
+                    read_seq: mem.read_seq,
+                    unread: head.saturating_sub(mem.read_seq),
+                    role: if mem.role == role::ADMIN {
+                        v1::Role::Admin as i32
+                    } else {
+                        v1::Role::Member as i32
+                    },
+                    delivered_seq: mem.delivered_seq,
+                    direct: meta.direct,
+                    member_count: meta.member_count,
+                });
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok(Kind::Groups(v1::Groups { groups }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reactions_are_counted_per_emoji() {
+        let r = count_reactions(vec![
+            ("👍".into(), "a".into()),
+            ("🎉".into(), "a".into()),
+            ("👍".into(), "b".into()),
+        ]);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].emoji.as_str(), r[0].count), ("👍", 2));
+        assert_eq!(r[0].user_ids, vec!["a", "b"]);
+        assert_eq!((r[1].emoji.as_str(), r[1].count), ("🎉", 1));
+    }
+}

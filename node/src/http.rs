@@ -1,0 +1,246 @@
+//! The HTTP listener: `/ws` (WebSocket upgrade with JWT auth), `/healthz`,
+//! `/metrics`, on one port.
+//!
+//! Accepts TCP connections up to `max_connections` (past it, new sockets are
+//! closed at once), serves HTTP/1.1 with hyper, and hands upgraded sockets to
+//! [`crate::ws::serve`] with a small tokio-tungstenite read buffer.
+//!
+//! What it must not do: run chat logic; it authenticates and routes only.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actors::Router;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use proto::Encoding;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::auth::{Auth, AuthError};
+use crate::ws::{self, ConnLimits};
+
+/// WebSocket read buffer per connection: small, so idle connections are cheap.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Outgoing bytes buffered before tungstenite writes to the socket.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+
+/// What every request handler shares.
+pub struct Server {
+    /// Routing to actors.
+    pub router: Router,
+    /// Token checks.
+    pub auth: Auth,
+    /// Metrics exposition.
+    pub metrics: PrometheusHandle,
+    /// Per-connection limits.
+    pub limits: ConnLimits,
+    /// Set when the node stops serving (shutdown): /healthz says 503, upgrades are refused.
+    pub draining: AtomicBool,
+    /// Every connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// A slot of `max_connections`, held by a connection's tasks.
+type Permit = Arc<OwnedSemaphorePermit>;
+
+type Body = Full<Bytes>;
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Accepts connections until `shutdown` turns true. Every connection task
+/// (HTTP, then WebSocket after an upgrade) runs on `tasks`, so the caller can
+/// wait for them.
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.changed() => break,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // The permit lives as long as the connection, upgraded or not.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!("chat_connections_refused_total").increment(1);
+            drop(tcp);
+            continue;
+        };
+        let permit = Arc::new(permit);
+        let _ = tcp.set_nodelay(true);
+        let server = server.clone();
+        server.tasks.clone().spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let server = server.clone();
+                let permit = permit.clone();
+                async move { Ok::<_, Infallible>(route(req, server, permit)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                debug!(peer = %peer, error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    info!("listener stopped accepting");
+}
+
+fn route(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            if server.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ok\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, server.metrics.render());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (&Method::GET, "/ws") => upgrade(req, server, permit),
+        (_, "/healthz" | "/metrics" | "/ws") => text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Reads a query parameter (no percent-decoding needed: tokens and the
+/// encoding names are URL-safe).
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn token(req: &Request<Incoming>) -> Result<&str, AuthError> {
+    if let Some(h) = req.headers().get(header::AUTHORIZATION) {
+        let h = h.to_str().map_err(|_| AuthError::Missing)?;
+        return h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or(AuthError::Missing);
+    }
+    query_param(req, "token").ok_or(AuthError::Missing)
+}
+
+fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|p| p.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+fn upgrade(mut req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
+    if server.draining.load(Ordering::Acquire) {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is going away\n");
+    }
+    let user = match token(&req).and_then(|t| server.auth.verify(t)) {
+        Ok(u) => u,
+        Err(e) => {
+            metrics::counter!("chat_auth_failures_total").increment(1);
+            debug!(error = %e, "upgrade refused");
+            let mut r = text(StatusCode::UNAUTHORIZED, format!("{e}\n"));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    };
+    let encoding = match query_param(&req, "encoding") {
+        None => None,
+        Some("json") => Some(Encoding::Json),
+        Some("binary") => Some(Encoding::Binary),
+        Some(_) => return text(StatusCode::BAD_REQUEST, "encoding must be json or binary\n"),
+    };
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let (Some(key), true, true, true) = (
+        key,
+        version_ok,
+        header_has(&req, header::CONNECTION, "upgrade"),
+        header_has(&req, header::UPGRADE, "websocket"),
+    ) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade (version 13)\n",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let limits = server.limits;
+    let router = server.router.clone();
+    server.tasks.spawn(async move {
+        let _permit = permit;
+        let upgraded = match hyper::upgrade::on(&mut req).await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        // Frames between max_frame_bytes and twice that get TOO_LARGE from
+        // the connection; past twice that tungstenite refuses them (1009).
+        let hard_cap = limits.max_frame_bytes * 2;
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_BYTES)
+            .write_buffer_size(WRITE_BUFFER_BYTES)
+            .max_write_buffer_size(WRITE_BUFFER_BYTES * 64)
+            .max_message_size(Some(hard_cap))
+            .max_frame_size(Some(hard_cap));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        ws::serve(ws, user, router, limits, encoding).await;
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}

@@ -1,0 +1,273 @@
+//! `chat-node`: the chat server binary.
+//!
+//! Owns the process: command line, config file, logging, metrics, the
+//! storage engine, the HTTP/WebSocket listener and the shutdown sequence.
+//! Everything chat-specific lives in the `actors` crate; this crate only
+//! wires it to sockets and signals.
+//!
+//! Subcommands:
+//! - `run --config FILE [--listen ADDR] [--data-dir DIR]`: serve.
+//! - `token USER --config FILE [--ttl SECS]`: print a client JWT.
+//!
+//! Shutdown (SIGTERM or SIGINT), in this order, each step logged: stop
+//! accepting and report 503 on /healthz; send every client `goaway` and close
+//! its socket with 1001; wait for connections to end; retire every group
+//! actor (flushing pointers); close storage. Stragglers get a deadline.
+#![warn(missing_docs)]
+
+mod auth;
+mod config;
+mod edge;
+mod http;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actors::outbound::{CLOSE_GOING_AWAY, SharedPush};
+use actors::relay::RelayMessage;
+use actors::{Router, Store, UserId};
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use proto::v1::{self, server_frame::Kind};
+use storage::Kv;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::auth::Auth;
+use crate::config::{Config, Engine};
+
+/// The chat server.
+#[derive(Parser, Debug)]
+#[command(name = "chat-node", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node.
+    Run {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `node.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override `node.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a client token (JWT) for USER, signed with the config's secret.
+    Token {
+        /// The user id (the token's `sub`).
+        user: String,
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Lifetime in seconds (negative: already expired, for tests).
+        #[arg(long, default_value_t = 86_400, allow_negative_numbers = true)]
+        ttl: i64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Token { user, config, ttl } => {
+            let config = Config::load(&config)?;
+            let user =
+                UserId::parse(&user).context("user ids are 1-128 characters of [A-Za-z0-9._@-]")?;
+            let auth = Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs);
+            println!("{}", auth.mint(&user, ttl)?);
+            Ok(())
+        }
+        Command::Run {
+            config,
+            listen,
+            data_dir,
+        } => {
+            let mut config = Config::load(&config)?;
+            if let Some(l) = listen {
+                config.node.listen = l;
+            }
+            if let Some(d) = data_dir {
+                config.node.data_dir = d;
+            }
+            config.validate()?;
+            init_logging();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("chat-node")
+                .build()?;
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Kv>> {
+    match config.storage.engine {
+        Engine::Embedded => {
+            std::fs::create_dir_all(&config.node.data_dir)
+                .with_context(|| format!("creating {}", config.node.data_dir.display()))?;
+            let opts = storage::sqlite::SqliteOptions {
+                sync: match config.storage.sync {
+                    config::Sync::Full => storage::sqlite::SyncMode::Full,
+                    config::Sync::Normal => storage::sqlite::SyncMode::Normal,
+                },
+                ..Default::default()
+            };
+            let path = config.db_path();
+            let kv = storage::sqlite::SqliteKv::open(&path, opts)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok(Arc::new(kv))
+        }
+        #[cfg(feature = "fdb")]
+        Engine::Foundationdb => {
+            let kv = storage::fdb::FdbKv::open(config.storage.fdb_cluster_file.as_deref())
+                .context("opening FoundationDB")?;
+            Ok(Arc::new(kv))
+        }
+        #[cfg(not(feature = "fdb"))]
+        Engine::Foundationdb => {
+            bail!(
+                "storage.engine = \"foundationdb\" needs a build with `--features fdb` (see README)"
+            )
+        }
+    }
+}
+
+/// Declares the node's metrics so /metrics lists them from the start.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("chat_connections", "Open WebSocket connections.");
+    describe_gauge!("chat_sessions", "Running session actors.");
+    describe_counter!("chat_frames_in_total", "Client frames received.");
+    describe_counter!("chat_frames_out_total", "Frames written to clients.");
+    describe_counter!("chat_requests_total", "Requests by kind.");
+    describe_counter!("chat_errors_total", "Error frames by code.");
+    describe_counter!("chat_messages_committed_total", "Log entries committed.");
+    describe_histogram!(
+        "chat_commit_batch_messages",
+        Unit::Count,
+        "Log entries per group commit."
+    );
+    describe_counter!(
+        "chat_relay_deliveries_total",
+        "Pushes queued to local sessions."
+    );
+    describe_counter!(
+        "chat_slow_consumers_total",
+        "Connections cut off for not reading."
+    );
+    describe_counter!("chat_group_activations_total", "Group actors started.");
+    metrics::gauge!("chat_connections").set(0.0);
+    metrics::gauge!("chat_sessions").set(0.0);
+    metrics::counter!("chat_messages_committed_total").absolute(0);
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    describe_metrics();
+    let kv = open_storage(&config)?;
+    let store = Store::new(kv);
+    info!(node = %config.node.name, engine = store.engine(), "storage open");
+    let router = Router::start(&config.node.name, store, config.actor_config())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(config.node.listen)
+        .await
+        .with_context(|| format!("binding {}", config.node.listen))?;
+    let server = Arc::new(http::Server {
+        router: router.clone(),
+        auth: Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs),
+        metrics,
+        limits: ws::ConnLimits {
+            max_frame_bytes: config.limits.max_frame_bytes,
+            outbound_queue: config.limits.outbound_queue,
+            max_in_flight: config.limits.max_in_flight,
+        },
+        draining: AtomicBool::new(false),
+        tasks: tokio_util::task::TaskTracker::new(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let accept = tokio::spawn(http::serve(
+        listener,
+        server.clone(),
+        config.limits.max_connections,
+        stop_rx,
+    ));
+    info!(node = %config.node.name, listen = %config.node.listen, "serving");
+
+    shutdown_signal().await;
+    let deadline = Duration::from_millis(config.tuning.shutdown_deadline_ms);
+
+    info!("step 1/4: stop accepting");
+    server.draining.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let _ = accept.await;
+
+    info!("step 2/4: goaway to every client");
+    let goaway = SharedPush::new(Kind::Goaway(v1::Goaway {
+        reason: "server shutting down; reconnect".into(),
+    }));
+    let _ = router.relay().cast(RelayMessage::CloseAll {
+        push: Some(goaway),
+        code: CLOSE_GOING_AWAY,
+    });
+    server.tasks.close();
+    if tokio::time::timeout(deadline, server.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            left = server.tasks.len(),
+            "connections still open at the deadline"
+        );
+    }
+
+    info!("step 3/4: retire group actors (flush pointers)");
+    if let Err(e) = router.stop_groups(deadline).await {
+        warn!(error = %e, "group actors did not all stop in time");
+    }
+
+    info!("step 4/4: close storage");
+    drop(router);
+    #[cfg(feature = "fdb")]
+    if config.storage.engine == Engine::Foundationdb {
+        storage::fdb::stop_network();
+    }
+    info!("stopped");
+    Ok(())
+}

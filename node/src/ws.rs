@@ -1,0 +1,264 @@
+//! One WebSocket connection: the task that owns the socket.
+//!
+//! It starts the connection's session actor, then loops: frames from the
+//! client are size-checked and decoded here (bad ones get an error frame and
+//! the connection stays usable), then handed to the session actor with a
+//! reply handle holding one of the connection's in-flight permits (past
+//! `max_in_flight` the task stops reading, and TCP pushes back on the
+//! client). Everything queued for the client is written in batches with one
+//! flush. A producer may ask to close (slow consumer, shutdown): queued
+//! frames are then written within a short deadline and the socket closed
+//! with that code.
+//!
+//! What it must not do: run requests itself, or buffer without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actors::outbound::{
+    CLOSE_SLOW_CONSUMER, CloseWatch, Outbound, OutboundQueue, ReplyTo, SessionHandle,
+};
+use actors::session::{Session, SessionArgs, SessionMessage};
+use actors::{ChatError, Router, UserId};
+use futures::{SinkExt, StreamExt};
+use proto::Encoding;
+use proto::codec;
+use ractor::{Actor, ActorRef};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{debug, warn};
+
+use crate::edge;
+
+/// Most queued frames written before one flush.
+const MAX_BATCH: usize = 256;
+/// How long queued frames may take to drain before a requested close.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Per-connection settings.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Frames over this get TOO_LARGE.
+    pub max_frame_bytes: usize,
+    /// Outbound queue capacity.
+    pub outbound_queue: usize,
+    /// In-flight requests.
+    pub max_in_flight: usize,
+}
+
+/// Serves one upgraded connection until it closes.
+pub async fn serve<S>(
+    ws: WebSocketStream<S>,
+    user: UserId,
+    router: Router,
+    limits: ConnLimits,
+    fixed_encoding: Option<Encoding>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (handle, queue) = SessionHandle::channel(limits.outbound_queue);
+    let args = SessionArgs {
+        user: user.clone(),
+        handle: handle.clone(),
+        router,
+    };
+    let (session, _) = match Actor::spawn(None, Session, args).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(user = %user, error = %e, "session failed to start");
+            let mut ws = ws;
+            let _ = ws
+                .close(Some(CloseFrame {
+                    code: CloseCode::Again,
+                    reason: "session unavailable, retry".into(),
+                }))
+                .await;
+            return;
+        }
+    };
+    metrics::gauge!("chat_connections").increment(1.0);
+    let mut conn = Connection {
+        handle,
+        close: queue.close_watch(),
+        queue,
+        session: session.clone(),
+        in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
+        encoding: fixed_encoding.unwrap_or(Encoding::Json),
+        fixed: fixed_encoding.is_some(),
+        limits,
+    };
+    conn.run(ws).await;
+    session.stop(None);
+    metrics::gauge!("chat_connections").decrement(1.0);
+    debug!(user = %user, "connection closed");
+}
+
+struct Connection {
+    handle: SessionHandle,
+    queue: OutboundQueue,
+    close: CloseWatch,
+    session: ActorRef<SessionMessage>,
+    in_flight: Arc<Semaphore>,
+    /// Encoding of pushes.
+    encoding: Encoding,
+    /// Whether `encoding` was fixed at upgrade.
+    fixed: bool,
+    limits: ConnLimits,
+}
+
+/// What ends the loop.
+enum End {
+    /// The client went away or the socket failed.
+    Gone,
+    /// Close with this code.
+    Close(u16, &'static str),
+}
+
+impl Connection {
+    async fn run<S>(&mut self, ws: WebSocketStream<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sink, mut stream) = ws.split();
+        let end = loop {
+            tokio::select! {
+                biased;
+                code = self.close.closed() => {
+                    break End::Close(code, if code == CLOSE_SLOW_CONSUMER {
+                        "too slow: reconnect and sync"
+                    } else {
+                        "server going away"
+                    });
+                }
+                item = self.queue.rx.recv() => {
+                    let Some(item) = item else { break End::Gone };
+                    if self.write_batch(&mut sink, item).await.is_err() {
+                        break End::Gone;
+                    }
+                }
+                frame = stream.next() => {
+                    match frame {
+                        None => break End::Gone,
+                        Some(Ok(msg)) => {
+                            if let Some(end) = self.on_message(msg).await {
+                                break end;
+                            }
+                        }
+                        Some(Err(WsError::Capacity(e))) => {
+                            debug!(error = %e, "frame far over the limit");
+                            break End::Close(1009, "frame too large");
+                        }
+                        Some(Err(e)) => {
+                            debug!(error = %e, "socket error");
+                            break End::Gone;
+                        }
+                    }
+                }
+            }
+        };
+        if let End::Close(code, reason) = end {
+            if code != CLOSE_SLOW_CONSUMER {
+                // Let queued frames (e.g. a goaway) out first, briefly.
+                let _ = tokio::time::timeout(DRAIN_DEADLINE, async {
+                    while let Ok(item) = self.queue.rx.try_recv() {
+                        if self.write_batch(&mut sink, item).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            } else {
+                metrics::counter!("chat_slow_consumers_total").increment(1);
+            }
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ =
+                tokio::time::timeout(DRAIN_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
+            let _ = tokio::time::timeout(DRAIN_DEADLINE, sink.close()).await;
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]),
+    /// then flushes once.
+    async fn write_batch<W>(&mut self, sink: &mut W, first: Outbound) -> Result<(), WsError>
+    where
+        W: futures::Sink<Message, Error = WsError> + Unpin,
+    {
+        sink.feed(edge::to_message(first, self.encoding)).await?;
+        let mut n = 1;
+        while n < MAX_BATCH {
+            let Ok(item) = self.queue.rx.try_recv() else {
+                break;
+            };
+            sink.feed(edge::to_message(item, self.encoding)).await?;
+            n += 1;
+        }
+        metrics::counter!("chat_frames_out_total").increment(n as u64);
+        sink.flush().await
+    }
+
+    /// Handles one client message; `Some` ends the connection.
+    async fn on_message(&mut self, msg: Message) -> Option<End> {
+        let (encoding, decoded) = match msg {
+            Message::Text(t) => {
+                if t.len() > self.limits.max_frame_bytes {
+                    return self.too_large(t.len(), Encoding::Json);
+                }
+                (Encoding::Json, codec::decode_json(t.as_str()))
+            }
+            Message::Binary(b) => {
+                if b.len() > self.limits.max_frame_bytes {
+                    return self.too_large(b.len(), Encoding::Binary);
+                }
+                (Encoding::Binary, codec::decode_binary(&b))
+            }
+            Message::Close(_) => return Some(End::Gone),
+            // Pings are answered by tungstenite; pongs and raw frames are ignored.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
+        };
+        metrics::counter!("chat_frames_in_total").increment(1);
+        if !self.fixed {
+            self.encoding = encoding;
+        }
+        let frame = match decoded {
+            Ok(f) => f,
+            Err((id, e)) => {
+                ReplyTo::new(id, encoding, self.handle.clone(), None).fail(edge::decode_error(&e));
+                return None;
+            }
+        };
+        let Some(kind) = frame.kind else {
+            return None; // codec::decode_* guarantee a kind.
+        };
+        // One permit per request in progress; waiting here stops reading.
+        let permit = tokio::select! {
+            p = self.in_flight.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Some(End::Gone),
+            },
+            code = self.close.closed() => return Some(End::Close(code, "closing")),
+        };
+        let reply = ReplyTo::new(frame.id, encoding, self.handle.clone(), Some(permit));
+        if let Err(e) = self.session.cast(SessionMessage::Request { kind, reply }) {
+            // The reply handle inside the failed message answers UNAVAILABLE.
+            warn!(error = %e, "session actor gone");
+            return Some(End::Close(1011, "session ended"));
+        }
+        None
+    }
+
+    fn too_large(&self, len: usize, encoding: Encoding) -> Option<End> {
+        let e = ChatError::TooLarge(format!(
+            "frame of {len} bytes; the limit is {}",
+            self.limits.max_frame_bytes
+        ));
+        ReplyTo::new(0, encoding, self.handle.clone(), None).fail(e);
+        None
+    }
+}

@@ -1,0 +1,153 @@
+//! The `Kv` contract: an ordered, transactional key-value store with
+//! FoundationDB's transaction model.
+//!
+//! A transaction reads a consistent snapshot, sees its own writes, buffers
+//! writes and commits them atomically, or fails with [`Error::Conflict`]
+//! (retryable). [`run`] and [`read`] wrap a closure in a retry loop; the
+//! closure may run several times, so it must have no side effects beyond the
+//! transaction (do those after `run` returns).
+//!
+//! All calls block the calling thread. Async code calls them from
+//! `tokio::task::spawn_blocking` (the `actors` crate does), never from a
+//! runtime worker.
+//!
+//! Keys are compared as unsigned bytes. Engines: [`crate::sqlite`] (embedded,
+//! the default) and `crate::fdb` (feature `fdb`).
+
+use std::time::Duration;
+
+use crate::error::{Error, TxError};
+
+/// Whether a transaction may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxMode {
+    /// Reads only; engines may serve it from a snapshot without taking locks.
+    ReadOnly,
+    /// Reads and writes.
+    ReadWrite,
+}
+
+/// A range read's options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeOpts {
+    /// At most this many pairs (0 = no limit).
+    pub limit: usize,
+    /// Newest (greatest key) first.
+    pub reverse: bool,
+}
+
+impl RangeOpts {
+    /// Forward, with a limit (0 = none).
+    pub fn forward(limit: usize) -> Self {
+        RangeOpts {
+            limit,
+            reverse: false,
+        }
+    }
+    /// Reverse (greatest key first), with a limit (0 = none).
+    pub fn reverse(limit: usize) -> Self {
+        RangeOpts {
+            limit,
+            reverse: true,
+        }
+    }
+}
+
+/// A key-value pair from a range read.
+pub type Pair = (Vec<u8>, Vec<u8>);
+
+/// One open transaction. Dropping it without [`Txn::commit`] rolls it back.
+pub trait Txn {
+    /// Reads one key.
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// Reads the pairs with `begin <= key < end`, in key order (or reversed),
+    /// at most `opts.limit` of them.
+    fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error>;
+    /// Writes a key (fails in a read-only transaction).
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error>;
+    /// Deletes a key.
+    fn clear(&mut self, key: &[u8]) -> Result<(), Error>;
+    /// Deletes every key with `begin <= key < end`.
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), Error>;
+    /// Commits atomically and durably: once this returns `Ok`, the writes
+    /// survive a crash of every process.
+    fn commit(self: Box<Self>) -> Result<(), Error>;
+}
+
+/// An ordered transactional key-value store.
+pub trait Kv: Send + Sync + 'static {
+    /// Starts a transaction.
+    fn begin(&self, mode: TxMode) -> Result<Box<dyn Txn + '_>, Error>;
+    /// The engine's name, for logs and metrics.
+    fn engine(&self) -> &'static str;
+}
+
+/// How many times [`run`] retries a retryable failure before giving up.
+pub const MAX_RETRIES: u32 = 20;
+
+/// Runs `f` in a read-write transaction and commits it, retrying on
+/// retryable errors (conflicts, lock timeouts) with a short jittered backoff.
+///
+/// `f` may run more than once: keep side effects out of it.
+pub fn run<T, E>(
+    kv: &dyn Kv,
+    mut f: impl FnMut(&mut dyn Txn) -> Result<T, TxError<E>>,
+) -> Result<T, TxError<E>> {
+    let mut attempt = 0;
+    loop {
+        let result = (|| {
+            let mut txn = kv.begin(TxMode::ReadWrite)?;
+            let value = f(txn.as_mut())?;
+            txn.commit()?;
+            Ok(value)
+        })();
+        match result {
+            Err(TxError::Db(e)) if e.is_retryable() && attempt < MAX_RETRIES => {
+                attempt += 1;
+                backoff(attempt);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs `f` in a read-only transaction (a consistent snapshot), retrying on
+/// retryable errors.
+pub fn read<T, E>(
+    kv: &dyn Kv,
+    mut f: impl FnMut(&mut dyn Txn) -> Result<T, TxError<E>>,
+) -> Result<T, TxError<E>> {
+    let mut attempt = 0;
+    loop {
+        let result = (|| {
+            let mut txn = kv.begin(TxMode::ReadOnly)?;
+            f(txn.as_mut())
+        })();
+        match result {
+            Err(TxError::Db(e)) if e.is_retryable() && attempt < MAX_RETRIES => {
+                attempt += 1;
+                backoff(attempt);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn backoff(attempt: u32) {
+    let base_us = 200u64 << attempt.min(8);
+    let jitter = rand::random::<u64>() % base_us;
+    std::thread::sleep(Duration::from_micros(base_us + jitter));
+}
+
+/// The smallest key greater than every key that starts with `prefix`
+/// (the end of a prefix range). `None` when no such key exists (all 0xff).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}

@@ -1,0 +1,551 @@
+//! The chat data model on top of [`Kv`](crate::Kv): keyspace and typed records.
+//!
+//! Owns the key layout (tuple-encoded under a configurable prefix) and the
+//! encoding of the small records (group meta, member, dedupe entry). Message
+//! bodies are opaque bytes here: the `actors` crate stores protobuf `Message`s.
+//!
+//! Who talks to it: the group actor (the single writer of a group's log,
+//! members and pointers, fenced by the group's epoch), the session actor
+//! (group creation, reads for `history` and `sync`).
+//!
+//! What it must not do: decide policy (who may do what is the actors' job) or
+//! perform side effects outside the transaction it is given.
+//!
+//! Keyspace (all under `prefix`):
+//!
+//! | key | value |
+//! |---|---|
+//! | `(g, gid, meta)` | [`GroupMeta`] |
+//! | `(g, gid, epoch)` | u64 big-endian: the current owner's epoch |
+//! | `(g, gid, head)` | u64 big-endian: last sequence number |
+//! | `(g, gid, log, seq)` | message body |
+//! | `(g, gid, mem, uid)` | [`MemberRecord`] |
+//! | `(g, gid, dedupe, uid, client_msg_id)` | [`DedupeRecord`] |
+//! | `(g, gid, thread, parent_seq, seq)` | empty: thread index |
+//! | `(g, gid, react, seq, emoji, uid)` | empty: one reaction |
+//! | `(u, uid, groups, gid)` | [`UserGroupRecord`]: the user's group index |
+//! | `(u, uid, seen)` | u64 big-endian: last-seen time (ms) |
+
+use foundationdb_tuple::{TuplePack, pack, unpack};
+use prost::Message as _;
+
+use crate::error::Error;
+use crate::kv::{Pair, RangeOpts, Txn, prefix_end};
+
+/// Role values stored in [`MemberRecord::role`] (same numbers as the protocol).
+pub mod role {
+    /// A plain member.
+    pub const MEMBER: i32 = 1;
+    /// An admin: may add, remove and promote.
+    pub const ADMIN: i32 = 2;
+}
+
+/// A group's descriptive record. Changed by creation and membership changes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupMeta {
+    /// Display name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// User who created it.
+    #[prost(string, tag = "2")]
+    pub creator: String,
+    /// Creation time, Unix ms.
+    #[prost(uint64, tag = "3")]
+    pub created_at_ms: u64,
+    /// Member limit, checked in the transaction that adds members.
+    #[prost(uint32, tag = "4")]
+    pub max_members: u32,
+    /// Current number of members.
+    #[prost(uint32, tag = "5")]
+    pub member_count: u32,
+    /// A 1:1 chat (no members can be added).
+    #[prost(bool, tag = "6")]
+    pub direct: bool,
+}
+
+/// One member of a group.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemberRecord {
+    /// [`role::MEMBER`] or [`role::ADMIN`].
+    #[prost(int32, tag = "1")]
+    pub role: i32,
+    /// Seq of the system message that added the member.
+    #[prost(uint64, tag = "2")]
+    pub joined_at_seq: u64,
+    /// Highest seq the member's devices received.
+    #[prost(uint64, tag = "3")]
+    pub delivered_seq: u64,
+    /// Highest seq the member read.
+    #[prost(uint64, tag = "4")]
+    pub read_seq: u64,
+    /// When the member joined, Unix ms.
+    #[prost(uint64, tag = "5")]
+    pub joined_at_ms: u64,
+}
+
+/// The outcome of a committed send, kept to answer retries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DedupeRecord {
+    /// The seq the message got.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Its commit time, Unix ms.
+    #[prost(uint64, tag = "2")]
+    pub sent_at_ms: u64,
+}
+
+/// An entry of a user's group index.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UserGroupRecord {
+    /// Seq of the system message that added the user (see [`MemberRecord`]).
+    #[prost(uint64, tag = "1")]
+    pub joined_at_seq: u64,
+}
+
+/// Adding members would pass the group's member limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupFull {
+    /// Members now.
+    pub members: u32,
+    /// The limit.
+    pub max_members: u32,
+}
+
+/// A page of a group's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogPage {
+    /// `(seq, body)` in increasing seq.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// More entries exist beyond the page in the direction of the query.
+    pub has_more: bool,
+}
+
+/// Which part of a log to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogQuery {
+    /// The newest `limit` entries.
+    Latest,
+    /// The oldest `limit` entries with seq > the value.
+    After(u64),
+    /// The newest `limit` entries with seq < the value.
+    Before(u64),
+    /// Entries with `after < seq < before`, oldest first.
+    Between(u64, u64),
+}
+
+/// Typed access to the chat keyspace. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Model {
+    prefix: Vec<u8>,
+}
+
+fn be(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+impl Model {
+    /// A model whose keys all start with `prefix` (e.g. `b"chat"`).
+    pub fn new(prefix: &[u8]) -> Self {
+        Model {
+            prefix: prefix.to_vec(),
+        }
+    }
+
+    fn key<T: TuplePack>(&self, t: &T) -> Vec<u8> {
+        let mut k = self.prefix.clone();
+        k.extend_from_slice(&pack(t));
+        k
+    }
+
+    /// `[begin, end)` covering every key that extends the packed tuple `t`.
+    fn range<T: TuplePack>(&self, t: &T) -> (Vec<u8>, Vec<u8>) {
+        let begin = self.key(t);
+        // A packed tuple never ends in 0xff (strings end in 0x00, integers
+        // in their last byte), so prefix_end always exists; fall back to a
+        // key past everything for safety.
+        let end = prefix_end(&begin).unwrap_or_else(|| vec![0xff; begin.len() + 1]);
+        (begin, end)
+    }
+
+    fn suffix<'a>(&self, key: &'a [u8]) -> &'a [u8] {
+        &key[self.prefix.len().min(key.len())..]
+    }
+
+    // ----- records -------------------------------------------------------
+
+    fn get_record<M: prost::Message + Default>(
+        &self,
+        t: &mut dyn Txn,
+        key: &[u8],
+    ) -> Result<Option<M>, Error> {
+        match t.get(key)? {
+            None => Ok(None),
+            Some(v) => M::decode(&v[..]).map(Some).map_err(|e| corrupt(key, e)),
+        }
+    }
+
+    fn get_u64(&self, t: &mut dyn Txn, key: &[u8]) -> Result<u64, Error> {
+        match t.get(key)? {
+            None => Ok(0),
+            Some(v) => v
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(key, "not a u64")),
+        }
+    }
+
+    /// The group's meta record, `None` when the group does not exist.
+    pub fn meta(&self, t: &mut dyn Txn, gid: &str) -> Result<Option<GroupMeta>, Error> {
+        self.get_record(t, &self.key(&("g", gid, "meta")))
+    }
+
+    /// Writes the group's meta record.
+    pub fn put_meta(&self, t: &mut dyn Txn, gid: &str, meta: &GroupMeta) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "meta")), &meta.encode_to_vec())
+    }
+
+    /// The group's last sequence number (0 for an empty log).
+    pub fn head(&self, t: &mut dyn Txn, gid: &str) -> Result<u64, Error> {
+        self.get_u64(t, &self.key(&("g", gid, "head")))
+    }
+
+    /// Sets the group's last sequence number.
+    pub fn set_head(&self, t: &mut dyn Txn, gid: &str, seq: u64) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "head")), &be(seq))
+    }
+
+    /// The group's current owner epoch (0 before any owner claimed it).
+    pub fn epoch(&self, t: &mut dyn Txn, gid: &str) -> Result<u64, Error> {
+        self.get_u64(t, &self.key(&("g", gid, "epoch")))
+    }
+
+    /// Takes the next epoch for the group and returns it. Every later append
+    /// by an owner holding an older epoch fails [`Model::check_epoch`].
+    pub fn claim_epoch(&self, t: &mut dyn Txn, gid: &str) -> Result<u64, Error> {
+        let next = self.epoch(t, gid)? + 1;
+        t.set(&self.key(&("g", gid, "epoch")), &be(next))?;
+        Ok(next)
+    }
+
+    /// Whether `epoch` is still the group's current epoch (the caller still owns it).
+    pub fn check_epoch(&self, t: &mut dyn Txn, gid: &str, epoch: u64) -> Result<bool, Error> {
+        Ok(self.epoch(t, gid)? == epoch)
+    }
+
+    // ----- log -----------------------------------------------------------
+
+    /// Writes one log entry.
+    pub fn put_log(&self, t: &mut dyn Txn, gid: &str, seq: u64, body: &[u8]) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "log", seq)), body)
+    }
+
+    /// One log entry.
+    pub fn log_entry(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        seq: u64,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        t.get(&self.key(&("g", gid, "log", seq)))
+    }
+
+    /// Reads a page of the log; entries come back in increasing seq.
+    pub fn log_page(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        query: LogQuery,
+        limit: usize,
+    ) -> Result<LogPage, Error> {
+        let (all_begin, all_end) = self.range(&("g", gid, "log"));
+        let at = |seq: u64| self.key(&("g", gid, "log", seq));
+        let (begin, end, reverse) = match query {
+            LogQuery::Latest => (all_begin, all_end, true),
+            LogQuery::After(s) => (at(s.saturating_add(1)), all_end, false),
+            LogQuery::Before(s) => (all_begin, at(s), true),
+            LogQuery::Between(a, b) => (at(a.saturating_add(1)), at(b), false),
+        };
+        // Read one more than asked to learn whether there is more.
+        let opts = RangeOpts {
+            limit: limit + 1,
+            reverse,
+        };
+        let mut pairs = t.get_range(&begin, &end, opts)?;
+        let has_more = pairs.len() > limit;
+        pairs.truncate(limit);
+        if reverse {
+            pairs.reverse();
+        }
+        let mut entries = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            let (_, _, _, seq): (String, String, String, u64) =
+                unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+            entries.push((seq, v));
+        }
+        Ok(LogPage { entries, has_more })
+    }
+
+    // ----- members -------------------------------------------------------
+
+    /// One member record.
+    pub fn member(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+    ) -> Result<Option<MemberRecord>, Error> {
+        self.get_record(t, &self.key(&("g", gid, "mem", uid)))
+    }
+
+    /// Writes a member record and the user's group index entry.
+    pub fn put_member(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        rec: &MemberRecord,
+    ) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "mem", uid)), &rec.encode_to_vec())?;
+        let idx = UserGroupRecord {
+            joined_at_seq: rec.joined_at_seq,
+        };
+        t.set(&self.key(&("u", uid, "groups", gid)), &idx.encode_to_vec())
+    }
+
+    /// Rewrites a member record's pointers and role only (the index entry is unchanged).
+    pub fn update_member(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        rec: &MemberRecord,
+    ) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "mem", uid)), &rec.encode_to_vec())
+    }
+
+    /// Removes a member record and the user's group index entry.
+    pub fn remove_member(&self, t: &mut dyn Txn, gid: &str, uid: &str) -> Result<(), Error> {
+        t.clear(&self.key(&("g", gid, "mem", uid)))?;
+        t.clear(&self.key(&("u", uid, "groups", gid)))
+    }
+
+    /// Adds members not yet in the group, checking the member limit in this
+    /// same transaction, so concurrent joins can never exceed it. Returns the
+    /// users actually added, or [`GroupFull`] (and writes nothing) when the
+    /// new count would pass `meta.max_members`.
+    pub fn add_members(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        new: &[(String, MemberRecord)],
+    ) -> Result<Result<Vec<String>, GroupFull>, Error> {
+        let Some(mut meta) = self.meta(t, gid)? else {
+            return Err(Error::Corrupt {
+                key: gid.to_string(),
+                reason: "group has no meta record".into(),
+            });
+        };
+        let mut fresh = Vec::with_capacity(new.len());
+        for (uid, rec) in new {
+            if self.member(t, gid, uid)?.is_none() && !fresh.iter().any(|(u, _)| *u == uid) {
+                fresh.push((uid, rec));
+            }
+        }
+        let count = meta.member_count as usize + fresh.len();
+        if count > meta.max_members as usize {
+            return Ok(Err(GroupFull {
+                members: meta.member_count,
+                max_members: meta.max_members,
+            }));
+        }
+        for (uid, rec) in &fresh {
+            self.put_member(t, gid, uid, rec)?;
+        }
+        meta.member_count = count as u32;
+        self.put_meta(t, gid, &meta)?;
+        Ok(Ok(fresh.into_iter().map(|(u, _)| u.clone()).collect()))
+    }
+
+    /// Removes members (those not in the group are skipped) and updates the
+    /// count. Returns the users actually removed.
+    pub fn remove_members(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uids: &[String],
+    ) -> Result<Vec<String>, Error> {
+        let mut removed = Vec::new();
+        for uid in uids {
+            if self.member(t, gid, uid)?.is_some() && !removed.contains(uid) {
+                self.remove_member(t, gid, uid)?;
+                removed.push(uid.clone());
+            }
+        }
+        if !removed.is_empty()
+            && let Some(mut meta) = self.meta(t, gid)?
+        {
+            meta.member_count = meta.member_count.saturating_sub(removed.len() as u32);
+            self.put_meta(t, gid, &meta)?;
+        }
+        Ok(removed)
+    }
+
+    /// Every member of the group, in user id order.
+    pub fn members(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+    ) -> Result<Vec<(String, MemberRecord)>, Error> {
+        let (begin, end) = self.range(&("g", gid, "mem"));
+        let pairs = t.get_range(&begin, &end, RangeOpts::forward(0))?;
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let (_, _, _, uid): (String, String, String, String) =
+                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+                let rec = MemberRecord::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
+                Ok((uid, rec))
+            })
+            .collect()
+    }
+
+    /// The user's groups with the seq at which they joined, in group id order.
+    pub fn user_groups(&self, t: &mut dyn Txn, uid: &str) -> Result<Vec<(String, u64)>, Error> {
+        let (begin, end) = self.range(&("u", uid, "groups"));
+        let pairs = t.get_range(&begin, &end, RangeOpts::forward(0))?;
+        pairs
+            .into_iter()
+            .map(|(k, v)| {
+                let (_, _, _, gid): (String, String, String, String) =
+                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+                let rec = UserGroupRecord::decode(&v[..]).map_err(|e| corrupt(&k, e))?;
+                Ok((gid, rec.joined_at_seq))
+            })
+            .collect()
+    }
+
+    // ----- dedupe, threads, reactions, presence ---------------------------
+
+    /// The recorded outcome of `(uid, client_msg_id)` in the group, if any.
+    pub fn dedupe(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<DedupeRecord>, Error> {
+        self.get_record(t, &self.key(&("g", gid, "dedupe", uid, client_msg_id)))
+    }
+
+    /// Records the outcome of a send for retries.
+    pub fn put_dedupe(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        client_msg_id: &str,
+        rec: &DedupeRecord,
+    ) -> Result<(), Error> {
+        t.set(
+            &self.key(&("g", gid, "dedupe", uid, client_msg_id)),
+            &rec.encode_to_vec(),
+        )
+    }
+
+    /// Indexes `seq` as a reply in the thread of `parent`.
+    pub fn put_thread(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        parent: u64,
+        seq: u64,
+    ) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "thread", parent, seq)), &[])
+    }
+
+    /// Seqs of replies to `parent` with `seq > after`, oldest first, at most
+    /// `limit`, and whether there are more.
+    pub fn thread_seqs(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        parent: u64,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<u64>, bool), Error> {
+        let (_, end) = self.range(&("g", gid, "thread", parent));
+        let begin = self.key(&("g", gid, "thread", parent, after.saturating_add(1)));
+        let mut pairs = t.get_range(&begin, &end, RangeOpts::forward(limit + 1))?;
+        let has_more = pairs.len() > limit;
+        pairs.truncate(limit);
+        let seqs = pairs
+            .into_iter()
+            .map(|(k, _)| {
+                let (_, _, _, _, seq): (String, String, String, u64, u64) =
+                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+                Ok(seq)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok((seqs, has_more))
+    }
+
+    /// Adds or removes one user's reaction; returns whether anything changed.
+    pub fn set_reaction(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        seq: u64,
+        emoji: &str,
+        uid: &str,
+        present: bool,
+    ) -> Result<bool, Error> {
+        let key = self.key(&("g", gid, "react", seq, emoji, uid));
+        let exists = t.get(&key)?.is_some();
+        match (exists, present) {
+            (false, true) => t.set(&key, &[])?,
+            (true, false) => t.clear(&key)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// Every reaction on a message as `(emoji, user)`, grouped by emoji.
+    pub fn reactions(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        seq: u64,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let (begin, end) = self.range(&("g", gid, "react", seq));
+        let pairs: Vec<Pair> = t.get_range(&begin, &end, RangeOpts::forward(0))?;
+        pairs
+            .into_iter()
+            .map(|(k, _)| {
+                let (_, _, _, _, emoji, uid): (String, String, String, u64, String, String) =
+                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+                Ok((emoji, uid))
+            })
+            .collect()
+    }
+
+    /// The user's last-seen time (ms), 0 if never recorded.
+    pub fn last_seen(&self, t: &mut dyn Txn, uid: &str) -> Result<u64, Error> {
+        self.get_u64(t, &self.key(&("u", uid, "seen")))
+    }
+
+    /// Records the user's last-seen time (ms).
+    pub fn set_last_seen(&self, t: &mut dyn Txn, uid: &str, ms: u64) -> Result<(), Error> {
+        t.set(&self.key(&("u", uid, "seen")), &be(ms))
+    }
+}
+
+fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+use super::*;
+use crate::sqlite::{SqliteKv, SqliteOptions};
+use crate::{Kv, TxError, read, run};
+
+fn store() -> (tempfile::TempDir, SqliteKv) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kv = SqliteKv::open(&dir.path().join("t.db"), SqliteOptions::default()).expect("open");
+    (dir, kv)
+}
+
+type R<T> = Result<T, TxError<()>>;
+
+fn write<T>(kv: &dyn Kv, f: impl FnMut(&mut dyn Txn) -> R<T>) -> T {
+    run(kv, f).expect("commit")
+}
+
+fn get<T>(kv: &dyn Kv, f: impl FnMut(&mut dyn Txn) -> R<T>) -> T {
+    read(kv, f).expect("read")
+}
+
+fn new_group(kv: &dyn Kv, m: &Model, gid: &str, max: u32) {
+    write(kv, |t| {
+        m.put_meta(
+            t,
+            gid,
+            &GroupMeta {
+                name: "n".into(),
+                max_members: max,
+                ..Default::default()
+            },
+        )?;
+        Ok(())
+    });
+}
+
+fn member(seq: u64) -> MemberRecord {
+    MemberRecord {
+        role: role::MEMBER,
+        joined_at_seq: seq,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn log_pages_in_every_direction() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    write(&kv, |t| {
+        for seq in 1..=300u64 {
+            m.put_log(t, "g", seq, format!("m{seq}").as_bytes())?;
+        }
+        // A neighbouring group must never leak into g's pages.
+        m.put_log(t, "g2", 1, b"other")?;
+        m.set_head(t, "g", 300)?;
+        Ok(())
+    });
+    let seqs = |p: &LogPage| p.entries.iter().map(|e| e.0).collect::<Vec<_>>();
+    let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::Latest, 3)?));
+    assert_eq!(seqs(&p), vec![298, 299, 300]);
+    assert!(p.has_more);
+    assert_eq!(p.entries[0].1, b"m298");
+    let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::After(255), 10)?));
+    assert_eq!(seqs(&p), (256..=265).collect::<Vec<_>>());
+    assert!(p.has_more);
+    let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::After(295), 10)?));
+    assert_eq!(seqs(&p), (296..=300).collect::<Vec<_>>());
+    assert!(!p.has_more);
+    let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::Before(4), 10)?));
+    assert_eq!(seqs(&p), vec![1, 2, 3]);
+    assert!(!p.has_more);
+    let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::Before(100), 2)?));
+    assert_eq!(seqs(&p), vec![98, 99]);
+    assert!(p.has_more);
+    let p = get(&kv, |t| {
+        Ok(m.log_page(t, "g", LogQuery::Between(10, 14), 10)?)
+    });
+    assert_eq!(seqs(&p), vec![11, 12, 13]);
+    let p = get(&kv, |t| Ok(m.log_page(t, "g2", LogQuery::Latest, 10)?));
+    assert_eq!(seqs(&p), vec![1]);
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "g")?)), 300);
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "nope")?)), 0);
+}
+
+#[test]
+fn epochs_fence_older_owners() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    let e1 = write(&kv, |t| Ok(m.claim_epoch(t, "g")?));
+    let e2 = write(&kv, |t| Ok(m.claim_epoch(t, "g")?));
+    assert_eq!((e1, e2), (1, 2));
+    assert!(!get(&kv, |t| Ok(m.check_epoch(t, "g", e1)?)));
+    assert!(get(&kv, |t| Ok(m.check_epoch(t, "g", e2)?)));
+}
+
+#[test]
+fn members_limit_and_user_index() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    new_group(&kv, &m, "g", 3);
+    let added = write(&kv, |t| {
+        Ok(m.add_members(
+            t,
+            "g",
+            &[
+                ("a".into(), member(1)),
+                ("b".into(), member(1)),
+                ("a".into(), member(1)),
+            ],
+        )?)
+    });
+    assert_eq!(added, Ok(vec!["a".to_string(), "b".to_string()]));
+    // Two more would make 4 > 3: refused, nothing written.
+    let full = write(&kv, |t| {
+        Ok(m.add_members(t, "g", &[("c".into(), member(2)), ("d".into(), member(2))])?)
+    });
+    assert_eq!(
+        full,
+        Err(GroupFull {
+            members: 2,
+            max_members: 3
+        })
+    );
+    assert!(get(&kv, |t| Ok(m.member(t, "g", "c")?)).is_none());
+    // An existing member does not count again.
+    let ok = write(&kv, |t| {
+        Ok(m.add_members(t, "g", &[("a".into(), member(3)), ("c".into(), member(3))])?)
+    });
+    assert_eq!(ok, Ok(vec!["c".to_string()]));
+    let members = get(&kv, |t| Ok(m.members(t, "g")?));
+    assert_eq!(
+        members.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        get(&kv, |t| Ok(m.meta(t, "g")?)).map(|x| x.member_count),
+        Some(3)
+    );
+    assert_eq!(
+        get(&kv, |t| Ok(m.user_groups(t, "c")?)),
+        vec![("g".to_string(), 3)]
+    );
+    let removed = write(&kv, |t| {
+        Ok(m.remove_members(t, "g", &["b".into(), "zz".into()])?)
+    });
+    assert_eq!(removed, vec!["b".to_string()]);
+    assert!(get(&kv, |t| Ok(m.user_groups(t, "b")?)).is_empty());
+    assert_eq!(
+        get(&kv, |t| Ok(m.meta(t, "g")?)).map(|x| x.member_count),
+        Some(2)
+    );
+}
+
+#[test]
+fn dedupe_threads_reactions_and_last_seen() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    write(&kv, |t| {
+        m.put_dedupe(
+            t,
+            "g",
+            "u",
+            "c1",
+            &DedupeRecord {
+                seq: 5,
+                sent_at_ms: 9,
+            },
+        )?;
+        for s in [11, 12, 15] {
+            m.put_thread(t, "g", 10, s)?;
+        }
+        m.put_thread(t, "g", 100, 101)?;
+        m.set_last_seen(t, "u", 77)?;
+        Ok(())
+    });
+    let hit = get(&kv, |t| Ok(m.dedupe(t, "g", "u", "c1")?));
+    assert_eq!(hit.map(|d| (d.seq, d.sent_at_ms)), Some((5, 9)));
+    assert!(get(&kv, |t| Ok(m.dedupe(t, "g", "other", "c1")?)).is_none());
+    assert_eq!(
+        get(&kv, |t| Ok(m.thread_seqs(t, "g", 10, 0, 2)?)),
+        (vec![11, 12], true)
+    );
+    assert_eq!(
+        get(&kv, |t| Ok(m.thread_seqs(t, "g", 10, 12, 5)?)),
+        (vec![15], false)
+    );
+    assert!(write(&kv, |t| Ok(
+        m.set_reaction(t, "g", 3, "👍", "u", true)?
+    )));
+    assert!(!write(&kv, |t| Ok(
+        m.set_reaction(t, "g", 3, "👍", "u", true)?
+    )));
+    assert!(write(&kv, |t| Ok(
+        m.set_reaction(t, "g", 3, "🎉", "v", true)?
+    )));
+    let r = get(&kv, |t| Ok(m.reactions(t, "g", 3)?));
+    assert_eq!(r.len(), 2);
+    assert!(write(&kv, |t| Ok(
+        m.set_reaction(t, "g", 3, "👍", "u", false)?
+    )));
+    assert_eq!(get(&kv, |t| Ok(m.reactions(t, "g", 3)?)).len(), 1);
+    assert_eq!(get(&kv, |t| Ok(m.last_seen(t, "u")?)), 77);
+}
+
+#[test]
+fn corrupt_records_are_errors_not_panics() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    write(&kv, |t| {
+        t.set(&m.key(&("g", "g", "head")), b"abc")?;
+        t.set(&m.key(&("g", "g", "meta")), &[0xff, 0xff, 0xff])?;
+        Ok(())
+    });
+    let head = read(&kv, |t| -> R<u64> { Ok(m.head(t, "g")?) });
+    assert!(matches!(head, Err(TxError::Db(Error::Corrupt { .. }))));
+    let meta = read(&kv, |t| -> R<_> { Ok(m.meta(t, "g")?) });
+    assert!(matches!(meta, Err(TxError::Db(Error::Corrupt { .. }))));
+}

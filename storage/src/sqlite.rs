@@ -1,0 +1,480 @@
+//! The embedded engine: the [`Kv`] contract on one SQLite file in WAL mode.
+//!
+//! Owns the database file's schema (one table,
+//! `kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`; BLOBs compare
+//! with `memcmp`, which is the contract's unsigned byte order), its pragmas
+//! and this process's connections to it.
+//!
+//! Who talks to it: `node` opens it ([`SqliteKv::open`]); everything else goes
+//! through the [`Kv`]/[`Txn`] traits (`run`/`read`), from blocking threads.
+//!
+//! Several processes may open the same file at once (the local multi-node
+//! cluster does); SQLite's file locks keep them consistent:
+//! - Read-write transactions use this process's single writer connection
+//!   (taken by one transaction at a time) and `BEGIN IMMEDIATE`, so writers
+//!   of every process are serialized: no lost updates, serializable.
+//! - Read-only transactions use a small pool of reader connections and
+//!   `BEGIN DEFERRED`: in WAL mode they read the snapshot fixed by their first
+//!   read and never block writers.
+//! - Waiting for another process's lock uses a busy handler that sleeps a
+//!   short, growing, jittered time and gives up after [`BUSY_DEADLINE`] with
+//!   [`Error::Timeout`] (retryable). SQLite's default busy timeout sleeps in
+//!   long steps and starves writers under contention (measured here).
+//! - Durability: `synchronous=FULL` (the default) makes an acknowledged commit
+//!   survive `kill -9` and power loss; `NORMAL` survives `kill -9` only.
+//!
+//! What it must not do: hold a connection inside a transaction after the
+//! [`Txn`] is gone (dropping a transaction, even while unwinding from a
+//! panic, rolls it back and returns the connection), or keep any state that
+//! another process could not see (all state is in the file).
+
+use std::cell::Cell;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+
+use crate::error::Error;
+use crate::kv::{Kv, Pair, RangeOpts, TxMode, Txn};
+
+/// How long a transaction waits for a lock (another process's writer, or
+/// this process's writer connection) before failing with [`Error::Timeout`].
+pub const BUSY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// First sleep of the busy handler, in microseconds.
+const BUSY_SLEEP_MIN_US: u64 = 100;
+/// Growth of the busy handler's sleep per retry, in microseconds.
+const BUSY_SLEEP_STEP_US: u64 = 50;
+/// Longest sleep of the busy handler, in microseconds (before jitter).
+const BUSY_SLEEP_MAX_US: u64 = 2_000;
+/// After a checkpoint, the WAL file is truncated to at most this size.
+const JOURNAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
+/// Prepared statements kept per connection (we use fewer than this).
+const STATEMENT_CACHE_CAPACITY: usize = 32;
+/// Page cache per connection, in KiB (SQLite's default is 2 MiB).
+const CACHE_SIZE_KIB: u64 = 8 * 1024;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS kv (\
+    key BLOB PRIMARY KEY, \
+    value BLOB NOT NULL\
+) WITHOUT ROWID";
+const SQL_GET: &str = "SELECT value FROM kv WHERE key = ?1";
+const SQL_RANGE_FORWARD: &str =
+    "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key ASC LIMIT ?3";
+const SQL_RANGE_REVERSE: &str =
+    "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3";
+const SQL_SET: &str = "INSERT INTO kv (key, value) VALUES (?1, ?2) \
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const SQL_CLEAR: &str = "DELETE FROM kv WHERE key = ?1";
+const SQL_CLEAR_RANGE: &str = "DELETE FROM kv WHERE key >= ?1 AND key < ?2";
+
+/// When a commit is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// `synchronous=FULL`: the WAL is fsynced on every commit; an acknowledged
+    /// commit survives `kill -9` and power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: fsync only at checkpoints; an acknowledged commit
+    /// survives `kill -9` of every process, but not power loss.
+    Normal,
+}
+
+impl SyncMode {
+    fn pragma_value(self) -> &'static str {
+        match self {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        }
+    }
+}
+
+/// How to open a [`SqliteKv`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Durability of a commit.
+    pub sync: SyncMode,
+    /// Reader connections for read-only transactions (at least 1 is used).
+    /// This many read-only transactions may be open at once in this process;
+    /// one more waits for a free connection (up to [`BUSY_DEADLINE`]).
+    pub readers: usize,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            sync: SyncMode::Full,
+            readers: 4,
+        }
+    }
+}
+
+/// The embedded engine: one SQLite file, shared safely by several processes.
+///
+/// Invariant: every connection in `writer` or `readers` is outside any
+/// transaction (autocommit); a transaction takes its connection out of the
+/// pool and puts it back, rolled back if it did not commit, when dropped.
+pub struct SqliteKv {
+    /// The database file, for logs.
+    path: PathBuf,
+    /// The one writer connection of this process (a pool of one), so
+    /// read-write transactions in this process queue here rather than in
+    /// SQLite's busy handler.
+    writer: Pool,
+    /// Connections for read-only transactions (`query_only`).
+    readers: Pool,
+}
+
+impl fmt::Debug for SqliteKv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteKv")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteKv {
+    /// Opens (creating if needed) the database at `path`, switches it to WAL
+    /// mode and creates the schema. Safe to call from several processes on
+    /// the same file at once. The parent directory must exist.
+    pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteKv, Error> {
+        let writer = open_connection(path, opts.sync, false)?;
+        create_schema(&writer)?;
+        let readers = (0..opts.readers.max(1))
+            .map(|_| open_connection(path, opts.sync, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!(
+            path = %path.display(),
+            sync = ?opts.sync,
+            readers = readers.len(),
+            "sqlite store opened"
+        );
+        Ok(SqliteKv {
+            path: path.to_path_buf(),
+            writer: Pool::new("writer", vec![writer]),
+            readers: Pool::new("reader", readers),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Kv for SqliteKv {
+    fn begin(&self, mode: TxMode) -> Result<Box<dyn Txn + '_>, Error> {
+        let pool = match mode {
+            TxMode::ReadWrite => &self.writer,
+            TxMode::ReadOnly => &self.readers,
+        };
+        // Built before BEGIN so that the connection goes back to the pool
+        // whatever happens next.
+        let txn = SqliteTxn {
+            pool,
+            conn: Some(pool.take()?),
+            mode,
+        };
+        let conn = txn.conn()?;
+        ensure_autocommit(conn)?;
+        let begin = match mode {
+            TxMode::ReadWrite => "BEGIN IMMEDIATE",
+            TxMode::ReadOnly => "BEGIN DEFERRED",
+        };
+        conn.prepare_cached(begin)?.execute([])?;
+        Ok(Box::new(txn))
+    }
+
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+/// One open transaction on a connection taken from `pool`.
+struct SqliteTxn<'a> {
+    /// Where the connection goes back when the transaction ends.
+    pool: &'a Pool,
+    /// `Some` from `begin` until drop.
+    conn: Option<Connection>,
+    /// Whether writes are allowed.
+    mode: TxMode,
+}
+
+impl SqliteTxn<'_> {
+    fn conn(&self) -> Result<&Connection, Error> {
+        // `conn` is only taken in `drop`, so this cannot fail; an error
+        // rather than a panic all the same.
+        self.conn
+            .as_ref()
+            .ok_or_else(|| Error::Engine("sqlite transaction already finished".into()))
+    }
+
+    fn writable(&self) -> Result<&Connection, Error> {
+        match self.mode {
+            TxMode::ReadWrite => self.conn(),
+            TxMode::ReadOnly => Err(Error::Engine("read-only transaction".into())),
+        }
+    }
+}
+
+impl Txn for SqliteTxn<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let value = self
+            .conn()?
+            .prepare_cached(SQL_GET)?
+            .query_row([key], |row| row.get(0))
+            .optional()?;
+        Ok(value)
+    }
+
+    fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error> {
+        let sql = if opts.reverse {
+            SQL_RANGE_REVERSE
+        } else {
+            SQL_RANGE_FORWARD
+        };
+        // SQLite: a negative LIMIT means no limit.
+        let limit = match opts.limit {
+            0 => -1,
+            n => i64::try_from(n).unwrap_or(i64::MAX),
+        };
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![begin, end, limit], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?;
+        let pairs = rows.collect::<Result<Vec<Pair>, _>>()?;
+        Ok(pairs)
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        self.writable()?
+            .prepare_cached(SQL_SET)?
+            .execute(params![key, value])?;
+        Ok(())
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), Error> {
+        self.writable()?.prepare_cached(SQL_CLEAR)?.execute([key])?;
+        Ok(())
+    }
+
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), Error> {
+        self.writable()?
+            .prepare_cached(SQL_CLEAR_RANGE)?
+            .execute([begin, end])?;
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), Error> {
+        // A read-only transaction has nothing to commit; COMMIT just ends it.
+        // On failure the connection is still in the transaction and `drop`
+        // rolls it back.
+        self.conn()?.prepare_cached("COMMIT")?.execute([])?;
+        Ok(())
+    }
+}
+
+impl Drop for SqliteTxn<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if !conn.is_autocommit() {
+                // Not committed: roll back. If even that fails, the next
+                // `begin` on this connection tries again (`ensure_autocommit`).
+                if let Err(e) = conn.execute_batch("ROLLBACK") {
+                    tracing::warn!(error = %e, "sqlite rollback failed");
+                }
+            }
+            self.pool.put(conn);
+        }
+    }
+}
+
+/// A fixed set of connections that transactions take and give back.
+struct Pool {
+    /// For error messages.
+    name: &'static str,
+    /// Connections not in use, all in autocommit mode.
+    idle: Mutex<Vec<Connection>>,
+    /// Signalled when a connection is put back.
+    returned: Condvar,
+}
+
+impl Pool {
+    fn new(name: &'static str, conns: Vec<Connection>) -> Pool {
+        Pool {
+            name,
+            idle: Mutex::new(conns),
+            returned: Condvar::new(),
+        }
+    }
+
+    /// Takes an idle connection, waiting up to [`BUSY_DEADLINE`] for one.
+    /// (Waiting forever would turn a thread that opens a second read-write
+    /// transaction while holding one into a silent deadlock.)
+    fn take(&self) -> Result<Connection, Error> {
+        let start = Instant::now();
+        // The lock is never held across user code or a panic site, so a
+        // poisoned lock still guards a consistent Vec.
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(conn) = idle.pop() {
+                return Ok(conn);
+            }
+            let deadline = busy_deadline();
+            let Some(left) = deadline.checked_sub(start.elapsed()) else {
+                return Err(Error::Timeout(format!(
+                    "no free sqlite {} connection after {deadline:?}",
+                    self.name
+                )));
+            };
+            idle = self
+                .returned
+                .wait_timeout(idle, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(conn);
+        self.returned.notify_one();
+    }
+}
+
+/// Opens one connection with the busy handler and pragmas set.
+fn open_connection(path: &Path, sync: SyncMode, reader: bool) -> Result<Connection, Error> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::Engine(format!("open {}: {e}", path.display())))?;
+    // First, so that everything below waits for other processes fairly.
+    conn.busy_handler(Some(busy_wait))?;
+    // Persistent in the file; switching needs an exclusive lock, which a
+    // concurrent opener may hold for a moment.
+    let mode: String = retry_busy(|| conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::Engine(format!(
+            "{}: cannot switch to WAL mode (journal_mode is {mode})",
+            path.display()
+        )));
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous={};\
+         PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES};\
+         PRAGMA cache_size=-{CACHE_SIZE_KIB};",
+        sync.pragma_value()
+    ))?;
+    if reader {
+        conn.execute_batch("PRAGMA query_only=ON")?;
+    }
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    Ok(conn)
+}
+
+/// Creates the table if missing, inside `BEGIN IMMEDIATE` so that concurrent
+/// openers (other processes) serialize on it.
+fn create_schema(conn: &Connection) -> Result<(), Error> {
+    retry_busy(|| {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let result = conn
+            .execute_batch(SCHEMA)
+            .and_then(|()| conn.execute_batch("COMMIT"));
+        if result.is_err() && !conn.is_autocommit() {
+            // Best effort; the error that matters is `result`.
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        result
+    })?;
+    Ok(())
+}
+
+/// Rolls back a transaction left open on `conn` (only possible if an earlier
+/// rollback failed).
+fn ensure_autocommit(conn: &Connection) -> Result<(), Error> {
+    if !conn.is_autocommit() {
+        tracing::warn!("sqlite connection was left in a transaction; rolling back");
+        conn.execute_batch("ROLLBACK")?;
+    }
+    Ok(())
+}
+
+/// Runs `f` again while it fails with SQLITE_BUSY/LOCKED, up to
+/// [`BUSY_DEADLINE`], for the few statements that SQLite may fail with BUSY
+/// without calling the busy handler (journal mode changes, opening).
+fn retry_busy<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let start = Instant::now();
+    let mut attempt: u64 = 0;
+    loop {
+        match f() {
+            Err(e)
+                if matches!(
+                    e.sqlite_error_code(),
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+                ) && start.elapsed() < busy_deadline() =>
+            {
+                attempt += 1;
+                thread::sleep(busy_sleep(attempt));
+            }
+            other => return other,
+        }
+    }
+}
+
+thread_local! {
+    /// When the busy event that the busy handler is waiting on began. The
+    /// handler runs on the thread that called SQLite, one event at a time.
+    static BUSY_SINCE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// This thread's lock deadline: [`BUSY_DEADLINE`] except in tests that
+    /// shorten it to see a timeout quickly.
+    static BUSY_LIMIT: Cell<Duration> = const { Cell::new(BUSY_DEADLINE) };
+}
+
+/// How long this thread waits for a lock (see [`BUSY_DEADLINE`]).
+fn busy_deadline() -> Duration {
+    BUSY_LIMIT.with(Cell::get)
+}
+
+/// Shortens (or restores) the lock deadline of the calling thread only.
+#[cfg(test)]
+pub(crate) fn set_busy_deadline_for_this_thread(deadline: Duration) {
+    BUSY_LIMIT.with(|limit| limit.set(deadline));
+}
+
+/// SQLite's busy handler: `count` is how many times it was already called
+/// for this lock. Sleeps a short, growing, jittered time and returns `true`
+/// (try again) until [`BUSY_DEADLINE`] has passed since the first call, then
+/// `false` (SQLite returns SQLITE_BUSY, mapped to [`Error::Timeout`]).
+fn busy_wait(count: i32) -> bool {
+    let now = Instant::now();
+    let since = BUSY_SINCE.with(|since| match since.get() {
+        Some(t) if count > 0 => t,
+        _ => {
+            since.set(Some(now));
+            now
+        }
+    });
+    if now.duration_since(since) >= busy_deadline() {
+        return false;
+    }
+    thread::sleep(busy_sleep(u64::try_from(count).unwrap_or(0)));
+    true
+}
+
+/// The busy sleep after `attempt` earlier tries: 100 µs growing by 50 µs per
+/// try up to 2 ms, plus up to 50% jitter so that waiting processes do not
+/// wake in lockstep.
+fn busy_sleep(attempt: u64) -> Duration {
+    let base = BUSY_SLEEP_MIN_US
+        .saturating_add(BUSY_SLEEP_STEP_US.saturating_mul(attempt))
+        .min(BUSY_SLEEP_MAX_US);
+    let jitter = rand::random::<u64>() % (base / 2 + 1);
+    Duration::from_micros(base + jitter)
+}
