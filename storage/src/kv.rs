@@ -82,8 +82,20 @@ pub trait Kv: Send + Sync + 'static {
     fn engine(&self) -> &'static str;
 }
 
-/// How many times [`run`] retries a retryable failure before giving up.
+/// How many times [`run`] and [`read`] retry a conflict before giving up.
 pub const MAX_RETRIES: u32 = 20;
+/// How many times they retry a lock timeout: the engine already waited its
+/// busy deadline, so one more try is enough before telling the caller.
+pub const MAX_TIMEOUT_RETRIES: u32 = 1;
+
+/// Whether a failed attempt number `attempt` (0-based) may be retried.
+fn retry(e: &Error, attempt: u32) -> bool {
+    match e {
+        Error::Conflict => attempt < MAX_RETRIES,
+        Error::Timeout(_) => attempt < MAX_TIMEOUT_RETRIES,
+        _ => false,
+    }
+}
 
 /// Runs `f` in a read-write transaction and commits it, retrying on
 /// retryable errors (conflicts, lock timeouts) with a short jittered backoff.
@@ -102,7 +114,7 @@ pub fn run<T, E>(
             Ok(value)
         })();
         match result {
-            Err(TxError::Db(e)) if e.is_retryable() && attempt < MAX_RETRIES => {
+            Err(TxError::Db(e)) if retry(&e, attempt) => {
                 attempt += 1;
                 backoff(attempt);
             }
@@ -124,7 +136,7 @@ pub fn read<T, E>(
             f(txn.as_mut())
         })();
         match result {
-            Err(TxError::Db(e)) if e.is_retryable() && attempt < MAX_RETRIES => {
+            Err(TxError::Db(e)) if retry(&e, attempt) => {
                 attempt += 1;
                 backoff(attempt);
             }
