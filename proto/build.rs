@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/chat/v1/client.proto"];
+    let protos = ["proto/chat/v1/client.proto", "proto/chat/v1/internal.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -61,5 +61,76 @@ impl From<storage::TxError<ChatError>> for ChatError {
     }
 }
 
+impl ChatError {
+    /// The error as it crosses between nodes (code and message).
+    pub fn to_wire(&self) -> proto::v1::Error {
+        use proto::v1::ErrorCode as C;
+        let (code, message) = match self {
+            ChatError::Forbidden(m) => (C::Forbidden, m.clone()),
+            ChatError::NotFound(m) => (C::NotFound, m.clone()),
+            ChatError::Invalid(m) => (C::Invalid, m.clone()),
+            ChatError::TooLarge(m) => (C::TooLarge, m.clone()),
+            ChatError::RateLimited => (C::RateLimited, String::new()),
+            ChatError::GroupFull {
+                members,
+                max_members,
+            } => (C::GroupFull, format!("{members}/{max_members}")),
+            ChatError::Unavailable(m) => (C::Unavailable, m.clone()),
+            ChatError::Internal(m) => (C::Internal, m.clone()),
+        };
+        proto::v1::Error {
+            code: code as i32,
+            message,
+        }
+    }
+
+    /// The error sent by another node with [`ChatError::to_wire`].
+    pub fn from_wire(e: &proto::v1::Error) -> Self {
+        use proto::v1::ErrorCode as C;
+        let m = e.message.clone();
+        match e.code() {
+            C::Forbidden => ChatError::Forbidden(m),
+            C::NotFound => ChatError::NotFound(m),
+            C::Invalid => ChatError::Invalid(m),
+            C::TooLarge => ChatError::TooLarge(m),
+            C::RateLimited => ChatError::RateLimited,
+            C::GroupFull => {
+                let (a, b) = m.split_once('/').unwrap_or(("0", "0"));
+                ChatError::GroupFull {
+                    members: a.parse().unwrap_or(0),
+                    max_members: b.parse().unwrap_or(0),
+                }
+            }
+            C::Unavailable | C::Unauthenticated => ChatError::Unavailable(m),
+            C::Internal | C::Unspecified => ChatError::Internal(m),
+        }
+    }
+}
+
 /// A result of a client request.
 pub type ChatResult<T> = Result<T, ChatError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_cross_nodes_unchanged() {
+        let all = [
+            ChatError::Forbidden("f".into()),
+            ChatError::NotFound("n".into()),
+            ChatError::Invalid("i".into()),
+            ChatError::TooLarge("t".into()),
+            ChatError::RateLimited,
+            ChatError::GroupFull {
+                members: 3,
+                max_members: 4,
+            },
+            ChatError::Unavailable("u".into()),
+            ChatError::Internal("x".into()),
+        ];
+        for e in all {
+            assert_eq!(ChatError::from_wire(&e.to_wire()), e);
+        }
+    }
+}

@@ -265,6 +265,16 @@ impl Actor for Group {
             GroupMessage::Request { user, op, reply } => {
                 state.last_activity = Instant::now();
                 state.request(&myself, user, op, reply);
+                // An actor for a group that does not exist (and is not
+                // being created) has nothing to keep: it goes at once.
+                if !state.exists()
+                    && !state.retiring
+                    && state.in_flight.is_none()
+                    && state.pending.is_empty()
+                {
+                    state.retiring = true;
+                    state.router.retire(&state.id, &myself);
+                }
             }
             GroupMessage::Committed(result) => state.committed(&myself, result),
             GroupMessage::FlushTick => {

@@ -45,6 +45,9 @@ pub enum HostMessage {
         /// The dead actor.
         actor: ActorId,
     },
+    /// The cluster view changed: retire the group actors this node no
+    /// longer owns.
+    Rebalance,
     /// Counts.
     Stats(RpcReplyPort<HostStats>),
     /// Retire every group actor; answer once all have stopped.
@@ -161,6 +164,31 @@ impl Actor for Host {
             }
             HostMessage::Forget { group, actor } => {
                 state.unregister(&group, actor);
+            }
+            HostMessage::Rebalance => {
+                let Some(router) = &state.router else {
+                    return Ok(());
+                };
+                let moving: Vec<_> = {
+                    let mut reg = lock(&state.registry);
+                    let gone: Vec<GroupId> = reg
+                        .keys()
+                        .filter(|g| !router.owns(g.as_str()))
+                        .cloned()
+                        .collect();
+                    gone.into_iter()
+                        .filter_map(|g| reg.remove(&g).map(|a| (g, a)))
+                        .collect()
+                };
+                if !moving.is_empty() {
+                    info!(
+                        groups = moving.len(),
+                        "handing over groups this node no longer owns"
+                    );
+                }
+                for (_, a) in moving {
+                    let _ = a.cast(GroupMessage::Retire);
+                }
             }
             HostMessage::Stats(reply) => {
                 let _ = reply.send(HostStats {

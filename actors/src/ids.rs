@@ -59,6 +59,13 @@ string_id!(
     GroupId
 );
 
+impl UserId {
+    /// The author of system announcements posted by internal services.
+    pub fn system() -> Self {
+        UserId(Arc::from("system"))
+    }
+}
+
 impl GroupId {
     /// A fresh random id for a new group: `g_` and 26 hex digits.
     pub fn random() -> Self {

@@ -21,18 +21,24 @@
 //! - [`store`]: async storage access.
 //! - [`outbound`]: bounded per-connection queues, shared pushes, reply handles.
 //! - [`router`], [`host`]: addressing and supervision of group actors.
+//! - [`cluster`], [`placement`]: the node's port, the wire between nodes,
+//!   rendezvous placement.
+//! - [`request`]: a client request's target group and checked operation.
 //! - [`group`] (+ `group/plan.rs`, the pure commit planner), [`session`], [`relay`].
 //! - [`ratelimit`]: the per-connection token bucket.
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod group;
 pub mod host;
 pub mod ids;
 pub mod outbound;
+pub mod placement;
 pub mod ratelimit;
 pub mod relay;
+pub mod request;
 pub mod router;
 pub mod session;
 pub mod store;

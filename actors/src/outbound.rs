@@ -16,7 +16,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use proto::Encoding;
 use proto::v1::{ServerFrame, server_frame};
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::error::{ChatError, ChatResult};
 
@@ -183,22 +183,53 @@ async fn wait_closed(kill: &KillSwitch) -> u16 {
     }
 }
 
+/// Sends replies to requests that came from another node (implemented by
+/// the router, which knows the cluster transport).
+pub trait RemoteReplier: Send + Sync + 'static {
+    /// Delivers `result` for the origin node's pending request `token`.
+    fn remote_reply(&self, node: &str, token: u64, result: ChatResult<server_frame::Kind>);
+}
+
+enum ReplyTarget {
+    /// A connection on this node; the permit is its in-flight slot.
+    Local {
+        session: SessionHandle,
+        _permit: Option<OwnedSemaphorePermit>,
+    },
+    /// A pending request on another node.
+    Remote {
+        replier: Arc<dyn RemoteReplier>,
+        node: String,
+        token: u64,
+    },
+    /// An internal caller on this node awaiting the answer.
+    Oneshot(Option<oneshot::Sender<ChatResult<server_frame::Kind>>>),
+}
+
 /// The handle a request's reply goes through. It always answers: dropped
 /// unanswered (an actor stopped with the request in its mailbox), it replies
-/// `UNAVAILABLE` so the client can retry instead of waiting forever. It also
-/// holds the connection's in-flight permit until the reply is queued.
-#[derive(Debug)]
+/// `UNAVAILABLE` so the client can retry instead of waiting forever.
 pub struct ReplyTo {
     id: u64,
     encoding: Encoding,
-    session: SessionHandle,
+    target: ReplyTarget,
     answered: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = match &self.target {
+            ReplyTarget::Local { .. } => "local".to_string(),
+            ReplyTarget::Remote { node, token, .. } => format!("{node}#{token}"),
+            ReplyTarget::Oneshot(_) => "internal".to_string(),
+        };
+        write!(f, "ReplyTo({} -> {target})", self.id)
+    }
 }
 
 impl ReplyTo {
     /// A reply handle for request `id` (which arrived in `encoding`) on
-    /// `session`, holding the connection's in-flight `permit`.
+    /// `session`, holding the connection's in-flight `permit` until answered.
     pub fn new(
         id: u64,
         encoding: Encoding,
@@ -208,10 +239,43 @@ impl ReplyTo {
         ReplyTo {
             id,
             encoding,
-            session,
+            target: ReplyTarget::Local {
+                session,
+                _permit: permit,
+            },
             answered: false,
-            _permit: permit,
         }
+    }
+
+    /// A reply handle for a request of another node.
+    pub fn remote(
+        replier: Arc<dyn RemoteReplier>,
+        node: String,
+        token: u64,
+        encoding: Encoding,
+    ) -> Self {
+        ReplyTo {
+            id: 0,
+            encoding,
+            target: ReplyTarget::Remote {
+                replier,
+                node,
+                token,
+            },
+            answered: false,
+        }
+    }
+
+    /// A reply handle for an internal caller, and the receiver of its answer.
+    pub fn oneshot() -> (Self, oneshot::Receiver<ChatResult<server_frame::Kind>>) {
+        let (tx, rx) = oneshot::channel();
+        let r = ReplyTo {
+            id: 0,
+            encoding: Encoding::Binary,
+            target: ReplyTarget::Oneshot(Some(tx)),
+            answered: false,
+        };
+        (r, rx)
     }
 
     /// The request id.
@@ -219,14 +283,37 @@ impl ReplyTo {
         self.id
     }
 
+    /// The request's encoding.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
+    fn deliver(&mut self, result: ChatResult<server_frame::Kind>) {
+        self.answered = true;
+        match &mut self.target {
+            ReplyTarget::Local { session, .. } => {
+                session.push(Outbound::Reply {
+                    id: self.id,
+                    encoding: self.encoding,
+                    result,
+                });
+            }
+            ReplyTarget::Remote {
+                replier,
+                node,
+                token,
+            } => replier.remote_reply(node, *token, result),
+            ReplyTarget::Oneshot(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(result);
+                }
+            }
+        }
+    }
+
     /// Sends the reply.
     pub fn send(mut self, result: ChatResult<server_frame::Kind>) {
-        self.answered = true;
-        self.session.push(Outbound::Reply {
-            id: self.id,
-            encoding: self.encoding,
-            result,
-        });
+        self.deliver(result);
     }
 
     /// Replies `ok`.
@@ -240,7 +327,8 @@ impl ReplyTo {
     }
 
     /// Consumes the handle without a reply, for requests that have none on
-    /// the wire (`typing`); the in-flight permit is released.
+    /// the wire (`typing`; its origin keeps no pending entry); the in-flight
+    /// permit is released.
     pub fn silent(mut self) {
         self.answered = true;
     }
@@ -249,13 +337,9 @@ impl ReplyTo {
 impl Drop for ReplyTo {
     fn drop(&mut self) {
         if !self.answered {
-            self.session.push(Outbound::Reply {
-                id: self.id,
-                encoding: self.encoding,
-                result: Err(ChatError::Unavailable(
-                    "request interrupted; retry it".into(),
-                )),
-            });
+            self.deliver(Err(ChatError::Unavailable(
+                "request interrupted; retry it".into(),
+            )));
         }
     }
 }

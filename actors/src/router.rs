@@ -10,22 +10,40 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use prost::Message as _;
+use proto::Encoding;
+use proto::v1::{self, client_frame::Kind as Req, envelope::Kind as Env, server_frame::Kind};
 use ractor::{Actor, ActorRef, MessagingErr, call_t};
-use tracing::warn;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
 
+use crate::cluster::{PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame};
 use crate::config::ActorConfig;
 use crate::error::{ChatError, ChatResult};
-use crate::group::GroupMessage;
+use crate::group::{GroupMessage, GroupOp};
 use crate::host::{Host, HostMessage, HostStats};
-use crate::ids::{GroupId, SessionId};
+use crate::ids::{GroupId, SessionId, UserId};
+use crate::outbound::{RemoteReplier, ReplyTo};
+use crate::placement;
 use crate::relay::{Relay, RelayMessage, RelayStats};
+use crate::request;
 use crate::store::Store;
 
 /// The registry of running group actors on this node: written by the host
 /// only, read by every router clone.
 pub type Registry = Mutex<HashMap<GroupId, ActorRef<GroupMessage>>>;
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone)]
+struct View {
+    /// Nodes that own entities (live, not draining), sorted; includes this
+    /// node unless it is draining.
+    owners: Arc<Vec<String>>,
+    /// Connected, live peers (draining ones too): they get deliveries.
+    peers: Arc<Vec<String>>,
+}
 
 struct Inner {
     node: String,
@@ -35,6 +53,9 @@ struct Inner {
     host: ActorRef<HostMessage>,
     relay: ActorRef<RelayMessage>,
     next_session: AtomicU64,
+    view: RwLock<View>,
+    pending: Pending,
+    peer_events: Mutex<Option<mpsc::Sender<PeerEvent>>>,
 }
 
 /// Routing, storage and configuration of one node. Cheap to clone.
@@ -79,11 +100,253 @@ impl Router {
                 host: host.clone(),
                 relay,
                 next_session: AtomicU64::new(1),
+                view: RwLock::new(View {
+                    owners: Arc::new(vec![node.to_string()]),
+                    peers: Arc::new(Vec::new()),
+                }),
+                pending: Pending::default(),
+                peer_events: Mutex::new(None),
             }),
         };
         host.cast(HostMessage::Init(router.clone()))
             .map_err(|e| format!("initialising host: {e}"))?;
+        Actor::spawn(Some(format!("{node}.port")), Port, router.clone())
+            .await
+            .map_err(|e| format!("starting port: {e}"))?;
         Ok(router)
+    }
+
+    fn view(&self) -> View {
+        self.inner
+            .view
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the cluster view (called by the node's cluster manager): the
+    /// nodes that own entities and the peers that get deliveries. Group
+    /// actors this node no longer owns are retired (they flush first); the
+    /// requests waiting on peers that left are answered `UNAVAILABLE`.
+    pub fn set_view(&self, mut owners: Vec<String>, mut peers: Vec<String>) {
+        owners.sort();
+        owners.dedup();
+        peers.sort();
+        peers.dedup();
+        peers.retain(|p| p != &self.inner.node);
+        let old = {
+            let mut v = self.inner.view.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(
+                &mut *v,
+                View {
+                    owners: Arc::new(owners),
+                    peers: Arc::new(peers.clone()),
+                },
+            )
+        };
+        for gone in old.peers.iter().filter(|p| !peers.contains(p)) {
+            self.inner.pending.fail_node(gone);
+        }
+        let _ = self.inner.host.cast(HostMessage::Rebalance);
+    }
+
+    /// The nodes that own entities now.
+    pub fn owners(&self) -> Arc<Vec<String>> {
+        self.view().owners
+    }
+
+    /// The live peers.
+    pub fn peers(&self) -> Arc<Vec<String>> {
+        self.view().peers
+    }
+
+    /// The node that owns `key` (a group or user id) in the current view.
+    /// With no owner at all (a lone draining node) it is this node.
+    pub fn owner_of(&self, key: &str) -> String {
+        let v = self.view();
+        placement::owner(key, &v.owners)
+            .unwrap_or(&self.inner.node)
+            .to_string()
+    }
+
+    /// Whether this node owns `key`.
+    pub fn owns(&self, key: &str) -> bool {
+        self.owner_of(key) == self.inner.node
+    }
+
+    /// Requests of this node waiting on peers.
+    pub fn pending(&self) -> &Pending {
+        &self.inner.pending
+    }
+
+    /// Where the port reports pongs and hellos (set by the cluster manager).
+    pub fn set_peer_listener(&self, tx: mpsc::Sender<PeerEvent>) {
+        *self
+            .inner
+            .peer_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    pub(crate) fn peer_event(&self, ev: PeerEvent) {
+        let tx = self
+            .inner
+            .peer_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(tx) = tx {
+            // A full queue drops the event: pings repeat.
+            let _ = tx.try_send(ev);
+        }
+    }
+
+    /// Sends an envelope to `node`'s port. Returns false when the node is
+    /// not reachable (no port of it in `pg`).
+    pub fn send_to_node(&self, node: &str, kind: Env) -> bool {
+        let Some(cell) = ractor::pg::get_members(&port_group(node))
+            .into_iter()
+            .next()
+        else {
+            debug!(node, "no port for node");
+            return false;
+        };
+        let env = v1::Envelope {
+            from_node: self.inner.node.clone(),
+            kind: Some(kind),
+        };
+        let port: ActorRef<Wire> = cell.into();
+        metrics::counter!("chat_cluster_envelopes_out_total").increment(1);
+        port.cast(Wire(env.encode_to_vec())).is_ok()
+    }
+
+    pub(crate) fn local_relay(&self, msg: RelayMessage) {
+        if let Err(e) = self.inner.relay.cast(msg) {
+            warn!(error = %e, "relay unreachable");
+        }
+    }
+
+    pub(crate) fn replier(&self) -> Arc<dyn RemoteReplier> {
+        Arc::new(self.clone())
+    }
+
+    /// Routes a client request of `user` for `group` to the group's owner,
+    /// wherever it is; the answer goes through `reply`.
+    pub async fn route(&self, group: &GroupId, user: &UserId, req: Req, reply: ReplyTo) {
+        let owner = self.owner_of(group.as_str());
+        if owner == self.inner.node {
+            match request::group_op(req, &self.inner.config.limits) {
+                Ok(op) => {
+                    let msg = GroupMessage::Request {
+                        user: user.clone(),
+                        op,
+                        reply,
+                    };
+                    // On failure the message and its handle are dropped:
+                    // the handle answers UNAVAILABLE.
+                    if let Err(e) = self.to_group(group, msg).await {
+                        debug!(group = %group, error = %e, "routing failed");
+                    }
+                }
+                Err(e) => reply.fail(e),
+            }
+            return;
+        }
+        let typing = matches!(req, Req::Typing(_));
+        let binary = reply.encoding() == Encoding::Binary;
+        // Typing has no reply: nothing waits for it.
+        let token = if typing {
+            reply.silent();
+            0
+        } else {
+            self.inner.pending.insert(&owner, reply)
+        };
+        let env = Env::GroupRequest(v1::GroupRequest {
+            group_id: group.to_string(),
+            user_id: user.to_string(),
+            reply: Some(v1::ReplyAddress { token, binary }),
+            request: Some(v1::ClientFrame {
+                id: 0,
+                kind: Some(req),
+            }),
+        });
+        metrics::counter!("chat_cluster_forwarded_requests_total").increment(1);
+        if !self.send_to_node(&owner, env) && token != 0 {
+            self.inner.pending.complete(
+                token,
+                Err(ChatError::Unavailable(format!(
+                    "owner {owner} unreachable; retry"
+                ))),
+            );
+        }
+    }
+
+    /// Serves a request that another node routed here.
+    pub(crate) async fn serve_remote_request(&self, from: &str, req: v1::GroupRequest) {
+        let addr = req.reply.unwrap_or_default();
+        let encoding = if addr.binary {
+            Encoding::Binary
+        } else {
+            Encoding::Json
+        };
+        let reply = ReplyTo::remote(self.replier(), from.to_string(), addr.token, encoding);
+        let (Some(group), Some(user), Some(kind)) = (
+            GroupId::parse(&req.group_id),
+            UserId::parse(&req.user_id),
+            req.request.and_then(|r| r.kind),
+        ) else {
+            return reply.fail(ChatError::Invalid("malformed forwarded request".into()));
+        };
+        if !self.owns(group.as_str()) {
+            // Views disagree for a moment (a node joined or left): the
+            // client retries and reaches the new owner.
+            return reply.fail(ChatError::Unavailable(format!(
+                "group {group} is moving; retry"
+            )));
+        }
+        self.route(&group, &user, kind, reply).await;
+    }
+
+    /// Posts a system announcement into a group, from any node (an internal
+    /// service API). Resolves with the message's seq once committed.
+    pub async fn post_system(&self, group: &GroupId, text: String) -> ChatResult<u64> {
+        let (reply, rx) = ReplyTo::oneshot();
+        let owner = self.owner_of(group.as_str());
+        if owner == self.inner.node {
+            self.post_system_local(group, text, reply).await;
+        } else {
+            let token = self.inner.pending.insert(&owner, reply);
+            let env = Env::PostSystem(v1::PostSystem {
+                group_id: group.to_string(),
+                text,
+                token,
+            });
+            if !self.send_to_node(&owner, env) {
+                self.inner.pending.complete(
+                    token,
+                    Err(ChatError::Unavailable(format!("owner {owner} unreachable"))),
+                );
+            }
+        }
+        let timeout = self.inner.config.tuning.call_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(Kind::Sent(s)))) => Ok(s.seq),
+            Ok(Ok(Ok(other))) => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ChatError::Unavailable("request dropped".into())),
+            Err(_) => Err(ChatError::Unavailable("timed out".into())),
+        }
+    }
+
+    pub(crate) async fn post_system_local(&self, group: &GroupId, text: String, reply: ReplyTo) {
+        let msg = GroupMessage::Request {
+            user: UserId::system(),
+            op: GroupOp::PostSystem { text },
+            reply,
+        };
+        if let Err(e) = self.to_group(group, msg).await {
+            debug!(group = %group, error = %e, "routing failed");
+        }
     }
 
     /// This node's name.
@@ -111,7 +374,7 @@ impl Router {
         SessionId(self.inner.next_session.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Delivers `msg` to the group's actor, starting it if needed.
+    /// Delivers `msg` to the group's actor on this node, starting it if needed.
     pub async fn to_group(&self, group: &GroupId, msg: GroupMessage) -> ChatResult<()> {
         let mut msg = msg;
         // Two tries: an actor may stop between the lookup and the cast; then
@@ -157,11 +420,20 @@ impl Router {
         });
     }
 
-    /// Sends a message to the relay of every node (today: this node's).
+    /// Sends a message to the relay of every live node: one envelope (or a
+    /// few, for large batches) per peer, whatever the number of members.
     pub fn broadcast(&self, msg: RelayMessage) {
-        if let Err(e) = self.inner.relay.cast(msg) {
-            warn!(error = %e, "relay unreachable");
+        let peers = self.peers();
+        if !peers.is_empty() {
+            let envs = relay_envelopes(&msg);
+            for peer in peers.iter() {
+                for env in &envs {
+                    metrics::counter!("chat_fanout_remote_sends_total").increment(1);
+                    self.send_to_node(peer, env.clone());
+                }
+            }
         }
+        self.local_relay(msg);
     }
 
     /// A group actor asks to stop (idle, or after a failed commit): the host
@@ -192,5 +464,18 @@ impl Router {
             deadline.as_millis() as u64
         )
         .map_err(|e| ChatError::Unavailable(format!("stopping groups: {e}")))
+    }
+}
+
+impl RemoteReplier for Router {
+    fn remote_reply(&self, node: &str, token: u64, result: ChatResult<Kind>) {
+        if token == 0 {
+            return;
+        }
+        let env = Env::Reply(v1::RemoteReply {
+            token,
+            frame: Some(result_frame(result)),
+        });
+        self.send_to_node(node, env);
     }
 }

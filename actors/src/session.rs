@@ -3,8 +3,8 @@
 //!
 //! It holds the authenticated user (checked once, at upgrade, by `node`),
 //! registers the connection with the node's relay so pushes reach it,
-//! checks each request's shape, size and rate, and routes it: group
-//! requests to the group's actor (by id, through the [`Router`]), reads
+//! checks each request's rate, and routes it: group requests to the group's
+//! actor wherever it lives (by id, through the [`Router`]), reads
 //! (`history`, `sync`) straight to storage on a task of their own. Replies
 //! go through each request's [`ReplyTo`] into the connection's bounded
 //! outbound queue, so a slow client never blocks an actor.
@@ -27,11 +27,11 @@ use storage::model::{LogQuery, role};
 use tracing::debug;
 
 use crate::error::{ChatError, ChatResult};
-use crate::group::{GroupMessage, GroupOp};
 use crate::ids::{GroupId, SessionId, UserId};
 use crate::outbound::{ReplyTo, SessionHandle};
 use crate::ratelimit::TokenBucket;
 use crate::relay::RelayMessage;
+use crate::request::{self, Target};
 use crate::router::Router;
 use crate::store::Store;
 
@@ -156,216 +156,45 @@ impl Actor for Session {
         }
         metrics::counter!("chat_requests_total", "kind" => proto::codec::kind_name(&kind))
             .increment(1);
-        if let Err((e, reply)) = state.request(kind, reply).await {
-            reply.fail(e);
-        }
+        state.request(kind, reply).await;
         Ok(())
     }
 }
 
-/// A failed request with its unanswered reply handle.
-type Rejected = (ChatError, ReplyTo);
-
-fn group_id(s: &str) -> ChatResult<GroupId> {
-    GroupId::parse(s).ok_or_else(|| ChatError::Invalid(format!("bad group id {s:?}")))
-}
-
-fn user_id(s: &str) -> ChatResult<UserId> {
-    UserId::parse(s).ok_or_else(|| ChatError::Invalid(format!("bad user id {s:?}")))
-}
-
-/// Longest `clientMsgId`, in bytes.
-pub const MAX_CLIENT_MSG_ID_BYTES: usize = 128;
-/// Longest attachment URL, in bytes.
-pub const MAX_URL_BYTES: usize = 2_048;
 /// Most reactions listed per emoji in `history`.
 pub const MAX_REACTION_USERS: usize = 20;
 
 impl SessionState {
-    fn users(&self, ids: &[String]) -> ChatResult<Vec<UserId>> {
-        if ids.len() > self.router.config().limits.max_users_per_request {
-            return Err(ChatError::TooLarge(format!(
-                "at most {} users per request",
-                self.router.config().limits.max_users_per_request
-            )));
-        }
-        ids.iter().map(|s| user_id(s)).collect()
-    }
-
-    fn check_send(&self, s: &v1::Send) -> ChatResult<()> {
-        let l = &self.router.config().limits;
-        if s.client_msg_id.is_empty() || s.client_msg_id.len() > MAX_CLIENT_MSG_ID_BYTES {
-            return Err(ChatError::Invalid(format!(
-                "clientMsgId must be 1 to {MAX_CLIENT_MSG_ID_BYTES} bytes"
-            )));
-        }
-        if s.text.len() > l.max_text_bytes {
-            return Err(ChatError::TooLarge(format!(
-                "text is {} bytes; the limit is {}",
-                s.text.len(),
-                l.max_text_bytes
-            )));
-        }
-        if s.text.is_empty() && s.attachments.is_empty() {
-            return Err(ChatError::Invalid(
-                "a message needs text or attachments".into(),
-            ));
-        }
-        if s.mentions.len() > l.max_mentions || s.attachments.len() > l.max_attachments {
-            return Err(ChatError::TooLarge(format!(
-                "at most {} mentions and {} attachments",
-                l.max_mentions, l.max_attachments
-            )));
-        }
-        for m in &s.mentions {
-            user_id(m)?;
-        }
-        for a in &s.attachments {
-            if a.url.is_empty()
-                || a.url.len() > MAX_URL_BYTES
-                || a.name.len() > 1024
-                || a.mime_type.len() > 255
-            {
-                return Err(ChatError::Invalid(
-                    "attachment url, name or type out of bounds".into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    async fn to_group(&self, group: GroupId, op: GroupOp, reply: ReplyTo) -> Result<(), Rejected> {
-        let msg = GroupMessage::Request {
-            user: self.user.clone(),
-            op,
-            reply,
+    async fn request(&mut self, kind: Req, reply: ReplyTo) {
+        let target = match request::target(&self.user, &kind) {
+            Ok(t) => t,
+            Err(e) => return reply.fail(e),
         };
-        // If routing fails, the message (and its reply handle) is dropped:
-        // the handle answers UNAVAILABLE by itself.
-        if let Err(e) = self.router.to_group(&group, msg).await {
-            debug!(group = %group, error = %e, "routing failed");
+        if let Target::Group(group) = target {
+            return self.router.route(&group, &self.user, kind, reply).await;
         }
-        Ok(())
-    }
-
-    async fn request(&mut self, kind: Req, reply: ReplyTo) -> Result<(), Rejected> {
-        macro_rules! check {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(e) => return Err((e, reply)),
-                }
-            };
-        }
-        let limits = &self.router.config().limits;
         match kind {
-            Req::CreateGroup(c) => {
-                if c.name.len() > limits.max_name_bytes {
-                    return Err((ChatError::TooLarge("group name".into()), reply));
-                }
-                let members = check!(self.users(&c.members));
-                let op = GroupOp::Create {
-                    name: c.name,
-                    members,
-                    direct: false,
-                };
-                self.to_group(GroupId::random(), op, reply).await
-            }
-            Req::OpenDirect(o) => {
-                let peer = check!(user_id(&o.user_id));
-                if peer == self.user {
-                    return Err((
-                        ChatError::Invalid("a 1:1 chat needs another user".into()),
-                        reply,
-                    ));
-                }
-                let op = GroupOp::Create {
-                    name: String::new(),
-                    members: vec![peer.clone()],
-                    direct: true,
-                };
-                self.to_group(GroupId::direct(&self.user, &peer), op, reply)
-                    .await
-            }
-            Req::AddMembers(a) => {
-                let g = check!(group_id(&a.group_id));
-                let users = check!(self.users(&a.user_ids));
-                self.to_group(g, GroupOp::AddMembers(users), reply).await
-            }
-            Req::RemoveMembers(r) => {
-                let g = check!(group_id(&r.group_id));
-                let users = check!(self.users(&r.user_ids));
-                self.to_group(g, GroupOp::RemoveMembers(users), reply).await
-            }
-            Req::SetRole(r) => {
-                let g = check!(group_id(&r.group_id));
-                let user = check!(user_id(&r.user_id));
-                let role = match r.role() {
-                    v1::Role::Admin => role::ADMIN,
-                    v1::Role::Member => role::MEMBER,
-                    v1::Role::Unspecified => {
-                        return Err((
-                            ChatError::Invalid("role must be MEMBER or ADMIN".into()),
-                            reply,
-                        ));
+            Req::History(h) => {
+                let group = match GroupId::parse(&h.group_id) {
+                    Some(g) => g,
+                    None => {
+                        return reply
+                            .fail(ChatError::Invalid(format!("bad group id {:?}", h.group_id)));
                     }
                 };
-                self.to_group(g, GroupOp::SetRole { user, role }, reply)
-                    .await
-            }
-            Req::LeaveGroup(l) => {
-                let g = check!(group_id(&l.group_id));
-                self.to_group(g, GroupOp::Leave, reply).await
-            }
-            Req::Send(s) => {
-                let g = check!(group_id(&s.group_id));
-                check!(self.check_send(&s));
-                self.to_group(g, GroupOp::Send(s), reply).await
-            }
-            Req::MarkDelivered(m) => {
-                let g = check!(group_id(&m.group_id));
-                self.to_group(g, GroupOp::MarkDelivered(m.seq), reply).await
-            }
-            Req::MarkRead(m) => {
-                let g = check!(group_id(&m.group_id));
-                self.to_group(g, GroupOp::MarkRead(m.seq), reply).await
-            }
-            Req::Typing(t) => {
-                let g = check!(group_id(&t.group_id));
-                self.to_group(g, GroupOp::Typing, reply).await
-            }
-            Req::React(r) => {
-                let g = check!(group_id(&r.group_id));
-                let op = GroupOp::React {
-                    seq: r.seq,
-                    emoji: r.emoji,
-                    remove: r.remove,
-                };
-                self.to_group(g, op, reply).await
-            }
-            Req::Readers(r) => {
-                let g = check!(group_id(&r.group_id));
-                self.to_group(g, GroupOp::Readers(r.seq), reply).await
-            }
-            Req::History(h) => {
-                let g = check!(group_id(&h.group_id));
-                let max = limits.max_history;
+                let max = self.router.config().limits.max_history;
                 let limit = match h.limit {
                     0 => 50.min(max),
                     n if n as usize <= max => n as usize,
                     _ => {
-                        return Err((
-                            ChatError::Invalid(format!("limit must be 1 to {max}")),
-                            reply,
-                        ));
+                        return reply.fail(ChatError::Invalid(format!("limit must be 1 to {max}")));
                     }
                 };
                 let store = self.router.store().clone();
                 let user = self.user.clone();
                 tokio::spawn(async move {
-                    reply.send(history(&store, &user, &g, &h, limit).await);
+                    reply.send(history(&store, &user, &group, &h, limit).await);
                 });
-                Ok(())
             }
             Req::Sync(_) => {
                 let store = self.router.store().clone();
@@ -373,16 +202,13 @@ impl SessionState {
                 tokio::spawn(async move {
                     reply.send(sync(&store, &user).await);
                 });
-                Ok(())
             }
-            Req::SubscribePresence(_) => Err((
-                ChatError::Unavailable("presence is not available on this server version".into()),
-                reply,
+            Req::SubscribePresence(_) => reply.fail(ChatError::Unavailable(
+                "presence is not available on this server version".into(),
             )),
-            Req::Heartbeat(_) => {
-                reply.ok();
-                Ok(())
-            }
+            Req::Heartbeat(_) => reply.ok(),
+            // request::target sends every other kind to a group.
+            _ => reply.fail(ChatError::Internal("unroutable request".into())),
         }
     }
 }

@@ -70,6 +70,11 @@ pub enum GroupOp {
     },
     /// Who read a message.
     Readers(u64),
+    /// An announcement from an internal service (no membership check).
+    PostSystem {
+        /// The text.
+        text: String,
+    },
 }
 
 /// A request waiting for its commit, with every reply handle for it (a
@@ -490,6 +495,24 @@ impl Planner<'_> {
                     removed: *remove,
                 }));
                 Ok((ok, false))
+            }
+            GroupOp::PostSystem { text } => {
+                let seq = self.next_seq();
+                let mut ev = system(v1::SystemKind::Announcement, user, &[], 0, "");
+                ev.actor_id = user.to_string();
+                self.append(v1::Message {
+                    group_id: gid,
+                    seq,
+                    text: text.clone(),
+                    sent_at_ms: self.now,
+                    system: Some(ev),
+                    ..Default::default()
+                });
+                let rec = DedupeRecord {
+                    seq,
+                    sent_at_ms: self.now,
+                };
+                Ok((sent(&self.s.id, "", &rec), false))
             }
             GroupOp::MarkDelivered(_)
             | GroupOp::MarkRead(_)
