@@ -74,6 +74,8 @@ pub enum PeerEvent {
         draining: bool,
         /// Addresses it knows, `name=host:port`.
         known: Vec<String>,
+        /// Its HTTP address.
+        http_addr: String,
     },
 }
 
@@ -345,6 +347,7 @@ impl Actor for Port {
                 cluster_addr: h.cluster_addr,
                 draining: h.draining,
                 known: h.known,
+                http_addr: h.http_addr,
             }),
             Env::PostSystem(p) => {
                 let replier = r.replier();

@@ -48,6 +48,9 @@ pub enum HostMessage {
     /// The cluster view changed: retire the group actors this node no
     /// longer owns.
     Rebalance,
+    /// Retire every group actor (keep serving: the next request starts a
+    /// fresh one, which loads from storage and takes a new epoch).
+    RetireAll,
     /// Counts.
     Stats(RpcReplyPort<HostStats>),
     /// Retire every group actor; answer once all have stopped.
@@ -187,6 +190,13 @@ impl Actor for Host {
                     );
                 }
                 for (_, a) in moving {
+                    let _ = a.cast(GroupMessage::Retire);
+                }
+            }
+            HostMessage::RetireAll => {
+                let actors: Vec<_> = lock(&state.registry).drain().map(|(_, a)| a).collect();
+                info!(groups = actors.len(), "retiring every group actor");
+                for a in actors {
                     let _ = a.cast(GroupMessage::Retire);
                 }
             }

@@ -445,6 +445,12 @@ impl Router {
         });
     }
 
+    /// Retires every group actor of this node (they flush and stop; the
+    /// next request reloads the group from storage under a new epoch).
+    pub fn retire_all_groups(&self) {
+        let _ = self.inner.host.cast(HostMessage::RetireAll);
+    }
+
     /// Running group actors and relay counts.
     pub async fn stats(&self) -> ChatResult<(HostStats, RelayStats)> {
         let t = self.inner.config.tuning.call_timeout.as_millis() as u64;

@@ -16,6 +16,9 @@ struct Claims {
     exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// Operator token (admin endpoints), never a chat user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    adm: bool,
 }
 
 /// Why a token was refused.
@@ -60,21 +63,44 @@ impl Auth {
         }
     }
 
-    /// The user a token authenticates.
+    /// The user a token authenticates (operator tokens are refused).
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
+        if data.claims.adm {
+            return Err(AuthError::BadSubject);
+        }
         UserId::parse(&data.claims.sub).ok_or(AuthError::BadSubject)
+    }
+
+    /// Whether `token` is a valid operator token.
+    pub fn verify_admin(&self, token: &str) -> Result<(), AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)?;
+        if data.claims.adm {
+            Ok(())
+        } else {
+            Err(AuthError::BadSubject)
+        }
+    }
+
+    /// An operator token valid for `ttl_secs`.
+    pub fn mint_admin(&self, ttl_secs: i64) -> Result<String, AuthError> {
+        self.mint_claims("operator", ttl_secs, true)
     }
 
     /// A token for `user` valid for `ttl_secs` (negative: already expired,
     /// for tests).
     pub fn mint(&self, user: &UserId, ttl_secs: i64) -> Result<String, AuthError> {
+        self.mint_claims(user.as_str(), ttl_secs, false)
+    }
+
+    fn mint_claims(&self, sub: &str, ttl_secs: i64, adm: bool) -> Result<String, AuthError> {
         let now = now_secs();
         let exp = now.saturating_add_signed(ttl_secs);
         let claims = Claims {
-            sub: user.to_string(),
+            sub: sub.to_string(),
             exp,
             iat: Some(now),
+            adm,
         };
         Ok(jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -99,5 +125,12 @@ mod tests {
         let other = Auth::new("another-secret-000", 0);
         assert!(matches!(other.verify(&t), Err(AuthError::Invalid(_))));
         assert!(auth.verify("garbage").is_err());
+        let admin = auth.mint_admin(60).expect("mint");
+        assert!(auth.verify_admin(&admin).is_ok());
+        assert!(
+            auth.verify(&admin).is_err(),
+            "operator tokens are not chat users"
+        );
+        assert!(auth.verify_admin(&t).is_err());
     }
 }

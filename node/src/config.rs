@@ -28,6 +28,40 @@ pub struct Config {
     /// `[tuning]`.
     #[serde(default)]
     pub tuning: TuningSection,
+    /// `[cluster]`: absent for a single node.
+    pub cluster: Option<ClusterSection>,
+}
+
+/// `[cluster]`: how this node joins others (ractor_cluster).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The inter-node listener (`ip:port`).
+    pub listen: SocketAddr,
+    /// Shared secret of the cluster (ractor_cluster cookie authentication).
+    pub cookie: String,
+    /// Cluster addresses of other nodes to join through; any live one is enough.
+    #[serde(default)]
+    pub seeds: Vec<String>,
+    /// Failure detector probe interval.
+    #[serde(default = "default_ping_ms")]
+    pub ping_interval_ms: u64,
+    /// A peer that has not answered for this long is declared down.
+    #[serde(default = "default_failure_ms")]
+    pub failure_timeout_ms: u64,
+    /// How often unreachable known nodes are dialled again.
+    #[serde(default = "default_reconnect_ms")]
+    pub reconnect_interval_ms: u64,
+}
+
+fn default_ping_ms() -> u64 {
+    250
+}
+fn default_failure_ms() -> u64 {
+    3_000
+}
+fn default_reconnect_ms() -> u64 {
+    1_000
 }
 
 /// `[node]`: identity and listener.
@@ -210,8 +244,8 @@ impl Config {
     /// Checks ranges that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: &str| Err(ConfigError::Invalid(s.to_string()));
-        if actors::UserId::parse(&self.node.name).is_none() {
-            return bad("node.name must be 1-128 characters of [A-Za-z0-9._@-]");
+        if actors::UserId::parse(&self.node.name).is_none() || self.node.name.contains('@') {
+            return bad("node.name must be 1-128 characters of [A-Za-z0-9._-]");
         }
         if self.auth.jwt_secret.len() < 16 {
             return bad("auth.jwt_secret must be at least 16 bytes");

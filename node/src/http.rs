@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use actors::Router;
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use proto::Encoding;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{Auth, AuthError};
+use crate::cluster::{ClusterCommand, NodeStatus};
 use crate::ws::{self, ConnLimits};
 
 /// WebSocket read buffer per connection: small, so idle connections are cheap.
@@ -47,9 +48,13 @@ pub struct Server {
     /// Per-connection limits.
     pub limits: ConnLimits,
     /// Set when the node stops serving (shutdown): /healthz says 503, upgrades are refused.
-    pub draining: AtomicBool,
+    pub draining: Arc<AtomicBool>,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The cluster manager (None for a single node).
+    pub cluster: Option<mpsc::Sender<ClusterCommand>>,
+    /// Notified when the node should shut down (after a drain).
+    pub stop: Notify,
 }
 
 /// A slot of `max_connections`, held by a connection's tasks.
@@ -104,7 +109,7 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |req| {
                 let server = server.clone();
                 let permit = permit.clone();
-                async move { Ok::<_, Infallible>(route(req, server, permit)) }
+                async move { Ok::<_, Infallible>(route(req, server, permit).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
@@ -117,7 +122,7 @@ pub async fn serve(
     info!("listener stopped accepting");
 }
 
-fn route(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
+async fn route(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
             if server.draining.load(Ordering::Acquire) {
@@ -135,6 +140,7 @@ fn route(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Respons
             r
         }
         (&Method::GET, "/ws") => upgrade(req, server, permit),
+        (_, path) if path.starts_with("/admin/") => admin(req, server).await,
         (_, "/healthz" | "/metrics" | "/ws") => text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
@@ -149,6 +155,132 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = text(status, value.to_string());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// What `GET /admin/status` answers.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// This node.
+    pub node: String,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Group actors running here.
+    pub groups: usize,
+    /// Client sessions here.
+    pub sessions: usize,
+    /// Distinct users connected here.
+    pub users: usize,
+    /// The cluster as this node sees it (itself included).
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// The operator endpoints: `GET /admin/status`, `POST /admin/drain`,
+/// `POST /admin/system?group=ID` (body: the text). They need an operator
+/// token (`chat-node admin ...` mints one from the config's secret).
+async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
+    if let Err(e) = token(&req).and_then(|t| server.auth.verify_admin(t)) {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            format!("operator token required: {e}\n"),
+        );
+    }
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/admin/status") => {
+            let (host, relay) = match server.router.stats().await {
+                Ok(s) => s,
+                Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            };
+            let nodes = match &server.cluster {
+                Some(c) => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = c.send(ClusterCommand::Status(tx)).await;
+                    rx.await.unwrap_or_default()
+                }
+                None => vec![NodeStatus {
+                    name: server.router.node().to_string(),
+                    http_addr: String::new(),
+                    cluster_addr: String::new(),
+                    live: true,
+                    draining: server.draining.load(Ordering::Acquire),
+                }],
+            };
+            let status = Status {
+                node: server.router.node().to_string(),
+                draining: server.draining.load(Ordering::Acquire),
+                groups: host.groups,
+                sessions: relay.sessions,
+                users: relay.users,
+                nodes,
+            };
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(&status).unwrap_or_default(),
+            )
+        }
+        (Method::POST, "/admin/drain") => {
+            let s = server.clone();
+            tokio::spawn(async move {
+                if let Some(c) = &s.cluster {
+                    let (tx, rx) = oneshot::channel();
+                    if c.send(ClusterCommand::Drain(tx)).await.is_ok() {
+                        let _ = rx.await;
+                    }
+                }
+                info!("drained; leaving the cluster");
+                s.stop.notify_one();
+            });
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (Method::POST, "/admin/system") => {
+            let Some(group) = query_param(&req, "group").and_then(actors::GroupId::parse) else {
+                return text(StatusCode::BAD_REQUEST, "group=ID required\n");
+            };
+            let body = match http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+            };
+            let Ok(text_body) = String::from_utf8(body.to_vec()) else {
+                return text(StatusCode::BAD_REQUEST, "body must be UTF-8 text\n");
+            };
+            match server.router.post_system(&group, text_body).await {
+                Ok(seq) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "groupId": group.as_str(), "seq": seq }),
+                ),
+                Err(e) => {
+                    let code = crate::edge::error_code(&e);
+                    let status = match code {
+                        proto::v1::ErrorCode::NotFound => StatusCode::NOT_FOUND,
+                        proto::v1::ErrorCode::Invalid | proto::v1::ErrorCode::TooLarge => {
+                            StatusCode::BAD_REQUEST
+                        }
+                        _ => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    json(
+                        status,
+                        &serde_json::json!({ "code": code.as_str_name(), "message": e.to_string() }),
+                    )
+                }
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "unknown admin endpoint\n"),
+    }
 }
 
 fn token(req: &Request<Incoming>) -> Result<&str, AuthError> {

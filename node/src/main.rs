@@ -15,7 +15,9 @@
 //! actor (flushing pointers); close storage. Stragglers get a deadline.
 #![warn(missing_docs)]
 
+mod admin;
 mod auth;
+mod cluster;
 mod config;
 mod edge;
 mod http;
@@ -73,6 +75,17 @@ enum Command {
         #[arg(long, default_value_t = 86_400, allow_negative_numbers = true)]
         ttl: i64,
     },
+    /// Operate a running cluster (talks to a node's admin endpoints).
+    Admin {
+        /// The config file (TOML): its secret signs the operator token.
+        #[arg(long)]
+        config: PathBuf,
+        /// Any live node's HTTP address (default: the config's `node.listen`).
+        #[arg(long)]
+        node: Option<String>,
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,6 +98,17 @@ fn main() -> anyhow::Result<()> {
             let auth = Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs);
             println!("{}", auth.mint(&user, ttl)?);
             Ok(())
+        }
+        Command::Admin {
+            config,
+            node,
+            command,
+        } => {
+            let config = Config::load(&config)?;
+            let auth = Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs);
+            let token = auth.mint_admin(300)?;
+            let node = node.unwrap_or_else(|| config.node.listen.to_string());
+            admin::run(&node, &token, command)
         }
         Command::Run {
             config,
@@ -209,6 +233,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.node.listen)
         .await
         .with_context(|| format!("binding {}", config.node.listen))?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let cluster = match config.cluster.clone() {
+        Some(c) => Some(
+            cluster::start(
+                &config.node.name,
+                c,
+                router.clone(),
+                listener.local_addr()?,
+                draining.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let server = Arc::new(http::Server {
         router: router.clone(),
         auth: Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs),
@@ -218,8 +256,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             outbound_queue: config.limits.outbound_queue,
             max_in_flight: config.limits.max_in_flight,
         },
-        draining: AtomicBool::new(false),
+        draining,
         tasks: tokio_util::task::TaskTracker::new(),
+        cluster,
+        stop: tokio::sync::Notify::new(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let accept = tokio::spawn(http::serve(
@@ -230,7 +270,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     ));
     info!(node = %config.node.name, listen = %config.node.listen, "serving");
 
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = server.stop.notified() => info!("shutting down after drain"),
+    }
     let deadline = Duration::from_millis(config.tuning.shutdown_deadline_ms);
 
     info!("step 1/4: stop accepting");
@@ -262,7 +305,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         warn!(error = %e, "group actors did not all stop in time");
     }
 
-    info!("step 4/4: close storage");
+    info!("step 4/4: leave the cluster, close storage");
     drop(router);
     #[cfg(feature = "fdb")]
     if config.storage.engine == Engine::Foundationdb {
