@@ -186,7 +186,8 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
 }
 
-/// The operator endpoints: `GET /admin/status`, `POST /admin/drain`,
+/// The operator endpoints: `GET /admin/status`, `GET /admin/owner?group=ID`
+/// (the node that owns a group in this node's view), `POST /admin/drain`,
 /// `POST /admin/system?group=ID` (body: the text). They need an operator
 /// token (`chat-node admin ...` mints one from the config's secret).
 async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
@@ -230,6 +231,13 @@ async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
                 &serde_json::to_value(&status).unwrap_or_default(),
             )
         }
+        (Method::GET, "/admin/owner") => match query_param(&req, "group") {
+            Some(g) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "group": g, "owner": server.router.owner_of(g) }),
+            ),
+            None => text(StatusCode::BAD_REQUEST, "group=ID required\n"),
+        },
         (Method::POST, "/admin/drain") => {
             let s = server.clone();
             tokio::spawn(async move {

@@ -66,8 +66,11 @@ enum Command {
     },
     /// Print a client token (JWT) for USER, signed with the config's secret.
     Token {
-        /// The user id (the token's `sub`).
+        /// The user id (the token's `sub`); ignored with `--admin`.
         user: String,
+        /// Print an operator token for the /admin endpoints instead.
+        #[arg(long)]
+        admin: bool,
         /// The config file (TOML).
         #[arg(long)]
         config: PathBuf,
@@ -91,11 +94,20 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Token { user, config, ttl } => {
+        Command::Token {
+            user,
+            admin,
+            config,
+            ttl,
+        } => {
             let config = Config::load(&config)?;
+            let auth = Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs);
+            if admin {
+                println!("{}", auth.mint_admin(ttl)?);
+                return Ok(());
+            }
             let user =
                 UserId::parse(&user).context("user ids are 1-128 characters of [A-Za-z0-9._@-]")?;
-            let auth = Auth::new(&config.auth.jwt_secret, config.auth.leeway_secs);
             println!("{}", auth.mint(&user, ttl)?);
             Ok(())
         }
