@@ -1,8 +1,8 @@
 //! The host: one actor per node that starts, supervises and retires the
 //! node's group actors, and keeps the registry the router reads.
 //!
-//! Who talks to it: the [`Router`] (activate a group on a miss, retire an
-//! idle or failed one, forget a dead one, stats, stop all). Group actors are
+//! Who talks to it: the [`Router`] (activate a group on a miss or replace a
+//! stopping one, retire an idle or failed one, stats, stop all). Group actors are
 //! linked to it: when one terminates or fails, the host drops it from the
 //! registry, so the next request starts a fresh one from storage.
 //!
@@ -25,9 +25,12 @@ use crate::router::{Registry, Router, lock};
 pub enum HostMessage {
     /// Sent once by [`Router::start`]: the router group actors are given.
     Init(Router),
-    /// Return the group's actor, starting it if it is not running.
+    /// Return the group's actor, starting it if it is not running. With a
+    /// stale actor id (a cast to it failed: it is stopping), that actor is
+    /// dropped from the registry first.
     Activate(
         GroupId,
+        Option<ActorId>,
         RpcReplyPort<Result<ActorRef<GroupMessage>, ChatError>>,
     ),
     /// A group actor wants to stop: drop it from the registry, then send it
@@ -36,13 +39,6 @@ pub enum HostMessage {
         /// The group.
         group: GroupId,
         /// The actor asking (ignored if the registry holds another).
-        actor: ActorId,
-    },
-    /// A cast to this actor failed (it is stopping): drop it from the registry.
-    Forget {
-        /// The group.
-        group: GroupId,
-        /// The dead actor.
         actor: ActorId,
     },
     /// The cluster view changed: retire the group actors this node no
@@ -128,7 +124,10 @@ impl Actor for Host {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             HostMessage::Init(router) => state.router = Some(router),
-            HostMessage::Activate(group, reply) => {
+            HostMessage::Activate(group, stale, reply) => {
+                if let Some(stale) = stale {
+                    state.unregister(&group, stale);
+                }
                 if let Some(a) = lock(&state.registry).get(&group) {
                     let _ = reply.send(Ok(a.clone()));
                     return Ok(());
@@ -164,9 +163,6 @@ impl Actor for Host {
                     debug!(group = %group, "retiring group actor");
                     let _ = a.cast(GroupMessage::Retire);
                 }
-            }
-            HostMessage::Forget { group, actor } => {
-                state.unregister(&group, actor);
             }
             HostMessage::Rebalance => {
                 let Some(router) = &state.router else {

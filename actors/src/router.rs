@@ -379,12 +379,13 @@ impl Router {
         let mut msg = msg;
         // Two tries: an actor may stop between the lookup and the cast; then
         // the host has (or will have) dropped it and starts a fresh one.
+        let mut stale = None;
         for _ in 0..2 {
-            let actor = self.group_actor(group).await?;
+            let actor = self.group_actor(group, stale.take()).await?;
             match actor.cast(msg) {
                 Ok(()) => return Ok(()),
                 Err(MessagingErr::SendErr(back)) => {
-                    self.forget(group, &actor);
+                    stale = Some(actor.get_id());
                     msg = back;
                 }
                 Err(e) => return Err(ChatError::Internal(format!("routing: {e}"))),
@@ -395,8 +396,14 @@ impl Router {
         )))
     }
 
-    async fn group_actor(&self, group: &GroupId) -> ChatResult<ActorRef<GroupMessage>> {
-        if let Some(a) = lock(&self.inner.registry).get(group) {
+    async fn group_actor(
+        &self,
+        group: &GroupId,
+        stale: Option<ractor::ActorId>,
+    ) -> ChatResult<ActorRef<GroupMessage>> {
+        if stale.is_none()
+            && let Some(a) = lock(&self.inner.registry).get(group)
+        {
             return Ok(a.clone());
         }
         let timeout = self.inner.config.tuning.call_timeout;
@@ -404,20 +411,14 @@ impl Router {
             self.inner.host,
             HostMessage::Activate,
             timeout.as_millis() as u64,
-            group.clone()
+            group.clone(),
+            stale
         );
         match result {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(ChatError::Unavailable(format!("host: {e}"))),
         }
-    }
-
-    fn forget(&self, group: &GroupId, actor: &ActorRef<GroupMessage>) {
-        let _ = self.inner.host.cast(HostMessage::Forget {
-            group: group.clone(),
-            actor: actor.get_id(),
-        });
     }
 
     /// Sends a message to the relay of every live node: one envelope (or a
