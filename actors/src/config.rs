@@ -66,6 +66,8 @@ pub struct Tuning {
     pub typing_throttle: Duration,
     /// Timeout of every actor call.
     pub call_timeout: Duration,
+    /// At most one receipts push per group per this interval.
+    pub receipts_interval: Duration,
     /// Recent `clientMsgId`s a group actor remembers (older retries are
     /// answered from storage).
     pub dedupe_cache: usize,
@@ -78,6 +80,7 @@ impl Default for Tuning {
             group_idle: Duration::from_secs(300),
             typing_throttle: Duration::from_secs(3),
             call_timeout: Duration::from_secs(10),
+            receipts_interval: Duration::from_millis(500),
             dedupe_cache: 4_096,
         }
     }

@@ -37,7 +37,9 @@ use crate::relay::RelayMessage;
 use crate::router::Router;
 
 mod plan;
+mod receipts;
 pub use plan::GroupOp;
+use receipts::Receipts;
 use plan::{Batch, Effect, Waiter, Writes};
 
 /// Messages of a group actor.
@@ -58,6 +60,8 @@ pub enum GroupMessage {
     FlushTick,
     /// Timer: stop if idle.
     IdleTick,
+    /// Timer: push coalesced receipts.
+    ReceiptsTick,
     /// The host dropped this actor from its registry: flush and stop. Sent
     /// through the mailbox, so every request queued before it is served.
     Retire,
@@ -162,6 +166,10 @@ pub struct GroupState {
     recent_order: VecDeque<(UserId, String)>,
     /// Last forwarded typing indicator per user.
     typing: HashMap<UserId, Instant>,
+    /// Pointer counts and pending receipt pushes; describes exactly the
+    /// pointers in `members`.
+    receipts: Receipts,
+    receipts_scheduled: bool,
     last_activity: Instant,
     retiring: bool,
 }
@@ -213,6 +221,8 @@ impl Actor for Group {
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             typing: HashMap::new(),
+            receipts: Receipts::default(),
+            receipts_scheduled: false,
             last_activity: Instant::now(),
             retiring: false,
         })
@@ -245,6 +255,9 @@ impl Actor for Group {
                 .iter()
                 .filter_map(|(u, r)| Some((UserId::parse(u)?, Member::from_record(r))))
                 .collect();
+            for m in state.members.values() {
+                state.receipts.join(m.delivered, m.read);
+            }
             state.meta = Some(meta);
             state.epoch = epoch;
             state.head = head;
@@ -277,6 +290,10 @@ impl Actor for Group {
                 }
             }
             GroupMessage::Committed(result) => state.committed(&myself, result),
+            GroupMessage::ReceiptsTick => {
+                state.receipts_scheduled = false;
+                state.push_receipts();
+            }
             GroupMessage::FlushTick => {
                 state.flush_scheduled = false;
                 state.maybe_commit(&myself, true);
@@ -378,21 +395,73 @@ impl GroupState {
             }
         };
         let seq = seq.min(head);
-        let mut changed = false;
-        if seq > m.delivered {
-            m.delivered = seq;
-            changed = true;
-        }
-        if read && seq > m.read {
-            m.read = seq;
-            changed = true;
-        }
-        if !changed {
+        let old = (m.delivered, m.read);
+        let new = (old.0.max(seq), if read { old.1.max(seq) } else { old.1 });
+        if new == old {
             return reply.ok();
         }
+        (m.delivered, m.read) = new;
+        self.receipts.moved(old, new);
         self.dirty.insert(user.clone());
         self.pointer_waiters.push(reply);
         self.schedule_flush(myself);
+        self.schedule_receipts(myself);
+    }
+
+    /// Makes sure a [`GroupMessage::ReceiptsTick`] comes: receipts are
+    /// pushed at most once per `receipts_interval`, however many pointers move.
+    fn schedule_receipts(&mut self, myself: &ActorRef<GroupMessage>) {
+        if !self.receipts_scheduled && self.receipts.dirty() {
+            self.receipts_scheduled = true;
+            let delay = self.router.config().tuning.receipts_interval;
+            myself.send_after(delay, || GroupMessage::ReceiptsTick);
+        }
+    }
+
+    /// Describes one seq's receipts.
+    fn seq_receipt(&self, seq: u64, detail: bool) -> v1::SeqReceipt {
+        let readers = if detail {
+            let mut r: Vec<String> = self
+                .members
+                .iter()
+                .filter(|(_, m)| m.read >= seq)
+                .map(|(u, _)| u.to_string())
+                .collect();
+            r.sort();
+            r
+        } else {
+            Vec::new()
+        };
+        v1::SeqReceipt {
+            seq,
+            delivered_to: self.receipts.delivered.at_least(seq),
+            read_by: self.receipts.read.at_least(seq),
+            readers,
+        }
+    }
+
+    fn detail(&self) -> bool {
+        self.members.len() <= self.router.config().limits.receipts_detail_limit
+    }
+
+    /// Pushes the receipts that changed since the last push to the senders
+    /// of those messages and to watchers.
+    fn push_receipts(&mut self) {
+        let Some((seqs, to)) = self.receipts.take_changes(self.head, Instant::now()) else {
+            return;
+        };
+        if to.is_empty() {
+            return;
+        }
+        let detail = self.detail();
+        let push = SharedPush::new(Kind::Receipts(v1::Receipts {
+            group_id: self.id.to_string(),
+            all_read_seq: self.receipts.read.min(),
+            all_delivered_seq: self.receipts.delivered.min(),
+            seqs: seqs.iter().map(|s| self.seq_receipt(*s, detail)).collect(),
+        }));
+        metrics::counter!("chat_receipt_pushes_total").increment(1);
+        self.router.broadcast(RelayMessage::DeliverTo { users: to, push });
     }
 
     /// Makes sure a [`GroupMessage::FlushTick`] comes within `pointer_flush`.
@@ -432,35 +501,21 @@ impl GroupState {
         reply.silent();
     }
 
-    fn readers(&self, user: &UserId, seq: u64, reply: ReplyTo) {
+    fn readers(&mut self, user: &UserId, seq: u64, reply: ReplyTo) {
         if let Err(e) = self.member(user) {
             return reply.fail(e);
         }
         if seq == 0 || seq > self.head {
             return reply.fail(ChatError::NotFound(format!("message {seq}")));
         }
-        let detail = self.members.len() <= self.router.config().limits.receipts_detail_limit;
-        let mut read_by = 0;
-        let mut delivered_to = 0;
-        let mut readers = Vec::new();
-        for (u, m) in &self.members {
-            if m.read >= seq {
-                read_by += 1;
-                if detail {
-                    readers.push(u.to_string());
-                }
-            }
-            if m.delivered >= seq {
-                delivered_to += 1;
-            }
-        }
-        readers.sort();
+        self.receipts.watch(user, Instant::now());
+        let r = self.seq_receipt(seq, self.detail());
         reply.send(Ok(Kind::Readers(v1::ReadersReply {
             group_id: self.id.to_string(),
             seq,
-            read_by,
-            delivered_to,
-            readers,
+            read_by: r.read_by,
+            delivered_to: r.delivered_to,
+            readers: r.readers,
         })));
     }
 
@@ -633,7 +688,10 @@ impl GroupState {
             match effect {
                 Effect::Added(u, m) => {
                     added.push((u.clone(), m.joined_at_seq));
-                    self.members.insert(u, m);
+                    self.receipts.join(m.delivered, m.read);
+                    if let Some(old) = self.members.insert(u, m) {
+                        self.receipts.leave(old.delivered, old.read);
+                    }
                 }
                 Effect::Role(u, r) => {
                     if let Some(m) = self.members.get_mut(&u) {
@@ -641,15 +699,19 @@ impl GroupState {
                     }
                 }
                 Effect::Removed(u) => {
-                    self.members.remove(&u);
+                    if let Some(old) = self.members.remove(&u) {
+                        self.receipts.leave(old.delivered, old.read);
+                    }
                     self.dirty.remove(&u);
                     self.typing.remove(&u);
                     removed.push(u);
                 }
                 Effect::SenderRead(u, seq) => {
+                    self.receipts.sent(seq, &u);
                     if let Some(m) = self.members.get_mut(&u) {
-                        m.read = m.read.max(seq);
-                        m.delivered = m.delivered.max(seq);
+                        let old = (m.delivered, m.read);
+                        (m.delivered, m.read) = (old.0.max(seq), old.1.max(seq));
+                        self.receipts.moved(old, (m.delivered, m.read));
                         self.dirty.insert(u);
                     }
                 }
@@ -698,6 +760,7 @@ impl GroupState {
         if !self.dirty.is_empty() {
             self.schedule_flush(myself);
         }
+        self.schedule_receipts(myself);
     }
 
     fn remember(&mut self, user: &UserId, cmid: &str, rec: &DedupeRecord) {

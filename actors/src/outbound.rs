@@ -40,6 +40,9 @@ pub enum Outbound {
     },
     /// A push shared by every recipient.
     Push(Arc<SharedPush>),
+    /// Pushes of one commit, in order, shared by every recipient: one queue
+    /// slot however many messages a batch holds.
+    Batch(Arc<[Arc<SharedPush>]>),
 }
 
 /// A push frame shared by many connections, encoded at most once per encoding.
@@ -351,7 +354,7 @@ mod tests {
     fn reply_of(o: Outbound) -> (u64, ChatResult<server_frame::Kind>) {
         match o {
             Outbound::Reply { id, result, .. } => (id, result),
-            Outbound::Push(_) => panic!("expected a reply"),
+            Outbound::Push(_) | Outbound::Batch(_) => panic!("expected a reply"),
         }
     }
 

@@ -186,16 +186,15 @@ impl RelayState {
     }
 
     fn push_to_user(&self, user: &UserId, push: &Arc<SharedPush>) -> usize {
+        self.send_to_user(user, || Outbound::Push(push.clone()))
+    }
+
+    /// Queues `item()` on every session of `user`; returns how many took it.
+    fn send_to_user(&self, user: &UserId, item: impl Fn() -> Outbound) -> usize {
         let Some(local) = self.users.get(user) else {
             return 0;
         };
-        let mut n = 0;
-        for (_, h) in &local.sessions {
-            if h.push(Outbound::Push(push.clone())) {
-                n += 1;
-            }
-        }
-        n
+        local.sessions.iter().filter(|(_, h)| h.push(item())).count()
     }
 }
 
@@ -259,14 +258,22 @@ impl Actor for Relay {
                 let Some(members) = state.groups.get(&group) else {
                     return Ok(());
                 };
+                let Some(first) = pushes.first().cloned() else {
+                    return Ok(());
+                };
+                // One queue slot per session for the whole batch.
+                let batch: Option<Arc<[Arc<SharedPush>]>> =
+                    (pushes.len() > 1).then(|| Arc::from(pushes.as_slice()));
+                let clone = || match &batch {
+                    Some(b) => Outbound::Batch(b.clone()),
+                    None => Outbound::Push(first.clone()),
+                };
                 let mut delivered = 0u64;
                 for u in members {
                     if except.as_ref() == Some(u) {
                         continue;
                     }
-                    for p in &pushes {
-                        delivered += state.push_to_user(u, p) as u64;
-                    }
+                    delivered += (state.send_to_user(u, clone) * pushes.len()) as u64;
                 }
                 metrics::counter!("chat_relay_deliveries_total").increment(delivered);
             }

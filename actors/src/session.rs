@@ -163,6 +163,38 @@ impl Actor for Session {
 
 /// Most reactions listed per emoji in `history`.
 pub const MAX_REACTION_USERS: usize = 20;
+/// Most bytes of stored messages in one `history` reply: a longer page is
+/// cut (at least one message is always returned) and says `hasMore`.
+pub const MAX_HISTORY_REPLY_BYTES: usize = 512 * 1024;
+
+/// Cuts a page (increasing seq) to [`MAX_HISTORY_REPLY_BYTES`], keeping its
+/// newest end (`keep_newest`, for pages read backwards) or its oldest end.
+/// Returns whether anything was cut.
+fn cut_to_bytes(entries: &mut Vec<(u64, Vec<u8>)>, keep_newest: bool) -> bool {
+    let mut total = 0;
+    let mut keep = 0;
+    let sizes: Vec<usize> = if keep_newest {
+        entries.iter().rev().map(|(_, b)| b.len()).collect()
+    } else {
+        entries.iter().map(|(_, b)| b.len()).collect()
+    };
+    for size in sizes {
+        if keep > 0 && total + size > MAX_HISTORY_REPLY_BYTES {
+            break;
+        }
+        total += size;
+        keep += 1;
+    }
+    let cut = keep < entries.len();
+    if cut {
+        if keep_newest {
+            entries.drain(..entries.len() - keep);
+        } else {
+            entries.truncate(keep);
+        }
+    }
+    cut
+}
 
 impl SessionState {
     async fn request(&mut self, kind: Req, reply: ReplyTo) {
@@ -233,7 +265,7 @@ async fn history(
                     "not a member of {gid}"
                 ))));
             }
-            let (entries, has_more) = match thread {
+            let (mut entries, has_more) = match thread {
                 Some(parent) => {
                     let (seqs, more) = m.thread_seqs(t, &gid, parent, after.unwrap_or(0), limit)?;
                     let mut entries = Vec::with_capacity(seqs.len());
@@ -255,6 +287,8 @@ async fn history(
                     (page.entries, page.has_more)
                 }
             };
+            let backwards = thread.is_none() && after.is_none();
+            let has_more = cut_to_bytes(&mut entries, backwards) || has_more;
             let mut reactions = Vec::with_capacity(entries.len());
             for (s, _) in &entries {
                 reactions.push(m.reactions(t, &gid, *s)?);
@@ -333,6 +367,21 @@ async fn sync(store: &Store, user: &UserId) -> ChatResult<Kind> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_pages_are_cut_by_bytes() {
+        let big = MAX_HISTORY_REPLY_BYTES / 3;
+        let page = || (1..=5u64).map(|s| (s, vec![0u8; big])).collect::<Vec<_>>();
+        let mut forward = page();
+        assert!(cut_to_bytes(&mut forward, false));
+        assert_eq!(forward.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let mut backward = page();
+        assert!(cut_to_bytes(&mut backward, true));
+        assert_eq!(backward.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        let mut huge = vec![(1, vec![0u8; MAX_HISTORY_REPLY_BYTES * 2])];
+        assert!(!cut_to_bytes(&mut huge, false), "one message always fits");
+        assert_eq!(huge.len(), 1);
+    }
 
     #[test]
     fn reactions_are_counted_per_emoji() {

@@ -186,6 +186,8 @@ pub struct TuningSection {
     pub typing_throttle_ms: u64,
     /// Timeout of internal calls.
     pub call_timeout_ms: u64,
+    /// At most one receipts push per group per this interval.
+    pub receipts_interval_ms: u64,
     /// Graceful shutdown deadline.
     pub shutdown_deadline_ms: u64,
 }
@@ -198,6 +200,7 @@ impl Default for TuningSection {
             group_idle_ms: t.group_idle.as_millis() as u64,
             typing_throttle_ms: t.typing_throttle.as_millis() as u64,
             call_timeout_ms: t.call_timeout.as_millis() as u64,
+            receipts_interval_ms: t.receipts_interval.as_millis() as u64,
             shutdown_deadline_ms: 8_000,
         }
     }
@@ -298,6 +301,7 @@ impl Config {
                 group_idle: Duration::from_millis(t.group_idle_ms),
                 typing_throttle: Duration::from_millis(t.typing_throttle_ms),
                 call_timeout: Duration::from_millis(t.call_timeout_ms),
+                receipts_interval: Duration::from_millis(t.receipts_interval_ms),
                 ..Tuning::default()
             },
         }

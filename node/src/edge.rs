@@ -4,7 +4,7 @@
 //! encodes outbound items in a connection's encoding.
 
 use actors::ChatError;
-use actors::outbound::Outbound;
+use actors::outbound::{Outbound, SharedPush};
 use proto::Encoding;
 use proto::codec::{self, DecodeError};
 use proto::v1::{ErrorCode, ServerFrame};
@@ -46,7 +46,21 @@ fn encode(frame: &ServerFrame, enc: Encoding) -> Message {
     }
 }
 
-/// The WebSocket message for an outbound item; pushes use `push_encoding`.
+/// The WebSocket message of one shared push in `encoding`.
+pub fn push_message(p: &SharedPush, encoding: Encoding) -> Message {
+    match encoding {
+        Encoding::Binary => Message::Binary(p.binary().clone()),
+        // SharedPush::json is produced by serde_json, always UTF-8; the
+        // fallback re-encodes rather than panicking.
+        Encoding::Json => match Utf8Bytes::try_from(p.json().clone()) {
+            Ok(text) => Message::Text(text),
+            Err(_) => encode(p.frame(), Encoding::Json),
+        },
+    }
+}
+
+/// The WebSocket message for a reply or single push (batches are expanded
+/// by the caller with [`push_message`]); pushes use `push_encoding`.
 pub fn to_message(item: Outbound, push_encoding: Encoding) -> Message {
     match item {
         Outbound::Reply {
@@ -60,14 +74,10 @@ pub fn to_message(item: Outbound, push_encoding: Encoding) -> Message {
             };
             encode(&frame, encoding)
         }
-        Outbound::Push(p) => match push_encoding {
-            Encoding::Binary => Message::Binary(p.binary().clone()),
-            // SharedPush::json is produced by serde_json, always UTF-8; the
-            // fallback re-encodes rather than panicking.
-            Encoding::Json => match Utf8Bytes::try_from(p.json().clone()) {
-                Ok(text) => Message::Text(text),
-                Err(_) => encode(p.frame(), Encoding::Json),
-            },
+        Outbound::Push(p) => push_message(&p, push_encoding),
+        Outbound::Batch(b) => match b.first() {
+            Some(p) => push_message(p, push_encoding),
+            None => Message::Ping(Bytes::new()),
         },
     }
 }

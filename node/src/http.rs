@@ -36,6 +36,10 @@ use crate::ws::{self, ConnLimits};
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Outgoing bytes buffered before tungstenite writes to the socket.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+/// Most outgoing bytes tungstenite may hold for one connection: above the
+/// largest reply (a history page is cut at 512 KiB of messages, which JSON
+/// can make a few times larger).
+const MAX_WRITE_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
 /// What every request handler shares.
 pub struct Server {
@@ -366,7 +370,7 @@ fn upgrade(mut req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> R
         let config = WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER_BYTES)
             .write_buffer_size(WRITE_BUFFER_BYTES)
-            .max_write_buffer_size(WRITE_BUFFER_BYTES * 64)
+            .max_write_buffer_size(MAX_WRITE_BUFFER_BYTES)
             .max_message_size(Some(hard_cap))
             .max_frame_size(Some(hard_cap));
         let ws =

@@ -190,17 +190,34 @@ impl Connection {
     where
         W: futures::Sink<Message, Error = WsError> + Unpin,
     {
-        sink.feed(edge::to_message(first, self.encoding)).await?;
-        let mut n = 1;
+        let mut n = self.feed(sink, first).await?;
         while n < MAX_BATCH {
             let Ok(item) = self.queue.rx.try_recv() else {
                 break;
             };
-            sink.feed(edge::to_message(item, self.encoding)).await?;
-            n += 1;
+            n += self.feed(sink, item).await?;
         }
         metrics::counter!("chat_frames_out_total").increment(n as u64);
         sink.flush().await
+    }
+
+    /// Feeds one queued item (a batch is several frames); returns the frames fed.
+    async fn feed<W>(&self, sink: &mut W, item: Outbound) -> Result<usize, WsError>
+    where
+        W: futures::Sink<Message, Error = WsError> + Unpin,
+    {
+        match item {
+            Outbound::Batch(pushes) => {
+                for p in pushes.iter() {
+                    sink.feed(edge::push_message(p, self.encoding)).await?;
+                }
+                Ok(pushes.len())
+            }
+            other => {
+                sink.feed(edge::to_message(other, self.encoding)).await?;
+                Ok(1)
+            }
+        }
     }
 
     /// Handles one client message; `Some` ends the connection.
