@@ -236,6 +236,7 @@ pub fn relay_envelopes(msg: &RelayMessage) -> Vec<Env> {
         RelayMessage::Register { .. }
         | RelayMessage::Unregister { .. }
         | RelayMessage::Attach { .. }
+        | RelayMessage::DeliverToSessions { .. }
         | RelayMessage::CloseAll { .. }
         | RelayMessage::Stats(_) => Vec::new(),
     }
@@ -349,6 +350,22 @@ impl Actor for Port {
                 known: h.known,
                 http_addr: h.http_addr,
             }),
+            Env::Presence(op) => r.serve_presence_op(&from, op).await,
+            Env::PresenceQuery(q) => {
+                let reply = ReplyTo::remote(r.replier(), from, q.token, Encoding::Binary);
+                match UserId::parse(&q.user_id) {
+                    Some(u) => r.query_presence(&u, reply).await,
+                    None => reply.fail(ChatError::Invalid("bad user id".into())),
+                }
+            }
+            Env::DeliverToSessions(d) => {
+                if let Some(push) = d.push.and_then(|f| f.kind) {
+                    r.local_relay(RelayMessage::DeliverToSessions {
+                        sessions: d.sessions.into_iter().map(crate::ids::SessionId).collect(),
+                        push: SharedPush::new(push),
+                    });
+                }
+            }
             Env::PostSystem(p) => {
                 let replier = r.replier();
                 let reply = ReplyTo::remote(replier, from, p.token, Encoding::Binary);

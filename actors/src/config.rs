@@ -68,6 +68,9 @@ pub struct Tuning {
     pub call_timeout: Duration,
     /// At most one receipts push per group per this interval.
     pub receipts_interval: Duration,
+    /// A session that shows no sign of life for this long stops counting
+    /// for its user's presence.
+    pub presence_ttl: Duration,
     /// Recent `clientMsgId`s a group actor remembers (older retries are
     /// answered from storage).
     pub dedupe_cache: usize,
@@ -81,6 +84,7 @@ impl Default for Tuning {
             typing_throttle: Duration::from_secs(3),
             call_timeout: Duration::from_secs(10),
             receipts_interval: Duration::from_millis(500),
+            presence_ttl: Duration::from_secs(60),
             dedupe_cache: 4_096,
         }
     }

@@ -39,8 +39,8 @@ use crate::router::Router;
 mod plan;
 mod receipts;
 pub use plan::GroupOp;
-use receipts::Receipts;
 use plan::{Batch, Effect, Waiter, Writes};
+use receipts::Receipts;
 
 /// Messages of a group actor.
 #[derive(Debug)]
@@ -461,7 +461,8 @@ impl GroupState {
             seqs: seqs.iter().map(|s| self.seq_receipt(*s, detail)).collect(),
         }));
         metrics::counter!("chat_receipt_pushes_total").increment(1);
-        self.router.broadcast(RelayMessage::DeliverTo { users: to, push });
+        self.router
+            .broadcast(RelayMessage::DeliverTo { users: to, push });
     }
 
     /// Makes sure a [`GroupMessage::FlushTick`] comes within `pointer_flush`.

@@ -1,29 +1,91 @@
 //! The host: one actor per node that starts, supervises and retires the
-//! node's group actors, and keeps the registry the router reads.
+//! node's entity actors (groups and presences), and keeps the registries the
+//! router reads.
 //!
-//! Who talks to it: the [`Router`] (activate a group on a miss or replace a
-//! stopping one, retire an idle or failed one, stats, stop all). Group actors are
-//! linked to it: when one terminates or fails, the host drops it from the
-//! registry, so the next request starts a fresh one from storage.
+//! Who talks to it: the [`Router`] (activate an entity on a miss or replace
+//! a stopping one, retire an idle or failed one, rebalance after a view
+//! change, stats, stop all). Entity actors are linked to it: when one
+//! terminates or fails, the host drops it from its registry, so the next
+//! request starts a fresh one (a group reloads from storage).
 //!
-//! What it must not do: wait on storage (group actors load in their own
-//! `post_start`), or let two live actors of one group sit in the registry.
+//! What it must not do: wait on storage (entities load in their own
+//! `post_start`), or let two live actors of one entity sit in a registry.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tracing::{debug, info, warn};
 
 use crate::error::ChatError;
 use crate::group::{Group, GroupArgs, GroupMessage};
-use crate::ids::GroupId;
-use crate::router::{Registry, Router, lock};
+use crate::ids::{GroupId, UserId};
+use crate::presence::{Presence, PresenceArgs, PresenceMessage};
+use crate::router::Router;
+
+/// Running entity actors of one kind, by id: written by the host only, read
+/// by every router clone.
+pub struct Registry<K, M>(Mutex<HashMap<K, ActorRef<M>>>);
+
+impl<K: Eq + Hash + Clone, M> Registry<K, M> {
+    /// Locks the map. A poisoned lock only means a panic elsewhere while
+    /// holding it; the map itself is always consistent (single inserts and
+    /// removes).
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<K, ActorRef<M>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The running actor of `key`.
+    pub fn get(&self, key: &K) -> Option<ActorRef<M>> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Drops `key` if `actor` is what the registry holds for it.
+    fn unregister(&self, key: &K, actor: ActorId) -> Option<ActorRef<M>> {
+        let mut reg = self.lock();
+        match reg.get(key) {
+            Some(a) if a.get_id() == actor => reg.remove(key),
+            _ => None,
+        }
+    }
+
+    /// Removes and returns every entry whose key fails `keep`.
+    fn take_unless(&self, keep: impl Fn(&K) -> bool) -> Vec<ActorRef<M>> {
+        let mut reg = self.lock();
+        let gone: Vec<K> = reg.keys().filter(|k| !keep(k)).cloned().collect();
+        gone.into_iter().filter_map(|k| reg.remove(&k)).collect()
+    }
+}
+
+impl<K, M> Default for Registry<K, M> {
+    fn default() -> Self {
+        Registry(Mutex::new(HashMap::new()))
+    }
+}
+
+/// The node's registries.
+#[derive(Default)]
+pub struct Registries {
+    /// Group actors.
+    pub groups: Registry<GroupId, GroupMessage>,
+    /// Presence actors.
+    pub presence: Registry<UserId, PresenceMessage>,
+}
+
+/// An entity the host runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entity {
+    /// A group.
+    Group(GroupId),
+    /// A user's presence.
+    Presence(UserId),
+}
 
 /// Messages of the host.
 #[derive(Debug)]
 pub enum HostMessage {
-    /// Sent once by [`Router::start`]: the router group actors are given.
+    /// Sent once by [`Router::start`]: the router entity actors are given.
     Init(Router),
     /// Return the group's actor, starting it if it is not running. With a
     /// stale actor id (a cast to it failed: it is stopping), that actor is
@@ -33,23 +95,30 @@ pub enum HostMessage {
         Option<ActorId>,
         RpcReplyPort<Result<ActorRef<GroupMessage>, ChatError>>,
     ),
-    /// A group actor wants to stop: drop it from the registry, then send it
-    /// [`GroupMessage::Retire`].
+    /// The same for a user's presence actor.
+    ActivatePresence(
+        UserId,
+        Option<ActorId>,
+        RpcReplyPort<Result<ActorRef<PresenceMessage>, ChatError>>,
+    ),
+    /// An entity actor wants to stop: drop it from its registry, then send
+    /// it its `Retire` message.
     Retire {
-        /// The group.
-        group: GroupId,
+        /// The entity.
+        entity: Entity,
         /// The actor asking (ignored if the registry holds another).
         actor: ActorId,
     },
-    /// The cluster view changed: retire the group actors this node no
+    /// The cluster view changed: retire the entity actors this node no
     /// longer owns.
     Rebalance,
-    /// Retire every group actor (keep serving: the next request starts a
+    /// Retire every entity actor (keep serving: the next request starts a
     /// fresh one, which loads from storage and takes a new epoch).
     RetireAll,
     /// Counts.
     Stats(RpcReplyPort<HostStats>),
-    /// Retire every group actor; answer once all have stopped.
+    /// Retire every entity actor and refuse new ones; answer once all have
+    /// stopped.
     StopAll(RpcReplyPort<()>),
 }
 
@@ -58,19 +127,21 @@ impl ractor::Message for HostMessage {}
 /// Counts reported by [`HostMessage::Stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostStats {
-    /// Group actors running (or stopping) on this node.
+    /// Group actors running on this node.
     pub groups: usize,
+    /// Presence actors running on this node.
+    pub presences: usize,
 }
 
 /// The host's state.
 ///
-/// Invariants: every actor in the registry is a live child of the host and
-/// is in `children`; `children` may also hold retiring actors no longer in
-/// the registry, until they terminate.
+/// Invariants: every actor in a registry is a live child of the host and is
+/// in `children`; `children` may also hold retiring actors no longer in a
+/// registry, until they terminate.
 pub struct HostState {
     router: Option<Router>,
-    registry: Arc<Registry>,
-    children: HashMap<ActorId, GroupId>,
+    registries: Arc<Registries>,
+    children: HashMap<ActorId, Entity>,
     stop_waiters: Vec<RpcReplyPort<()>>,
     stopping: bool,
 }
@@ -78,16 +149,19 @@ pub struct HostState {
 /// The host actor.
 pub struct Host;
 
-impl HostState {
-    /// Drops `group` from the registry if `actor` is what it holds there.
-    fn unregister(&mut self, group: &GroupId, actor: ActorId) -> Option<ActorRef<GroupMessage>> {
-        let mut reg = lock(&self.registry);
-        match reg.get(group) {
-            Some(a) if a.get_id() == actor => reg.remove(group),
-            _ => None,
-        }
+fn retire_groups(actors: Vec<ActorRef<GroupMessage>>) {
+    for a in actors {
+        let _ = a.cast(GroupMessage::Retire);
     }
+}
 
+fn retire_presences(actors: Vec<ActorRef<PresenceMessage>>) {
+    for a in actors {
+        let _ = a.cast(PresenceMessage::Retire);
+    }
+}
+
+impl HostState {
     fn answer_stop_waiters(&mut self) {
         if self.stopping && self.children.is_empty() {
             for w in self.stop_waiters.drain(..) {
@@ -95,21 +169,79 @@ impl HostState {
             }
         }
     }
+
+    fn retire_all(&mut self) -> usize {
+        let groups = self.registries.groups.take_unless(|_| false);
+        let presences = self.registries.presence.take_unless(|_| false);
+        let n = groups.len() + presences.len();
+        retire_groups(groups);
+        retire_presences(presences);
+        n
+    }
+
+    /// Starts an entity actor (linked to the host) and registers it.
+    async fn spawn_group(
+        &mut self,
+        myself: &ActorRef<HostMessage>,
+        group: GroupId,
+    ) -> Result<ActorRef<GroupMessage>, ChatError> {
+        let router = self.ready()?;
+        let args = GroupArgs {
+            id: group.clone(),
+            router,
+        };
+        let (actor, _) = Actor::spawn_linked(None, Group, args, myself.get_cell())
+            .await
+            .map_err(|e| ChatError::Unavailable(format!("group start: {e}")))?;
+        self.children
+            .insert(actor.get_id(), Entity::Group(group.clone()));
+        self.registries.groups.lock().insert(group, actor.clone());
+        metrics::counter!("chat_group_activations_total").increment(1);
+        Ok(actor)
+    }
+
+    async fn spawn_presence(
+        &mut self,
+        myself: &ActorRef<HostMessage>,
+        user: UserId,
+    ) -> Result<ActorRef<PresenceMessage>, ChatError> {
+        let router = self.ready()?;
+        let args = PresenceArgs {
+            user: user.clone(),
+            router,
+        };
+        let (actor, _) = Actor::spawn_linked(None, Presence, args, myself.get_cell())
+            .await
+            .map_err(|e| ChatError::Unavailable(format!("presence start: {e}")))?;
+        self.children
+            .insert(actor.get_id(), Entity::Presence(user.clone()));
+        self.registries.presence.lock().insert(user, actor.clone());
+        Ok(actor)
+    }
+
+    fn ready(&self) -> Result<Router, ChatError> {
+        if self.stopping {
+            return Err(ChatError::Unavailable("node is stopping".into()));
+        }
+        self.router
+            .clone()
+            .ok_or_else(|| ChatError::Unavailable("node is starting".into()))
+    }
 }
 
 impl Actor for Host {
     type Msg = HostMessage;
     type State = HostState;
-    type Arguments = Arc<Registry>;
+    type Arguments = Arc<Registries>;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        registry: Arc<Registry>,
+        registries: Arc<Registries>,
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(HostState {
             router: None,
-            registry,
+            registries,
             children: HashMap::new(),
             stop_waiters: Vec::new(),
             stopping: false,
@@ -126,88 +258,76 @@ impl Actor for Host {
             HostMessage::Init(router) => state.router = Some(router),
             HostMessage::Activate(group, stale, reply) => {
                 if let Some(stale) = stale {
-                    state.unregister(&group, stale);
+                    state.registries.groups.unregister(&group, stale);
                 }
-                if let Some(a) = lock(&state.registry).get(&group) {
-                    let _ = reply.send(Ok(a.clone()));
-                    return Ok(());
-                }
-                if state.stopping {
-                    let _ = reply.send(Err(ChatError::Unavailable("node is stopping".into())));
-                    return Ok(());
-                }
-                let Some(router) = state.router.clone() else {
-                    let _ = reply.send(Err(ChatError::Unavailable("node is starting".into())));
-                    return Ok(());
+                let result = match state.registries.groups.get(&group) {
+                    Some(a) => Ok(a),
+                    None => state.spawn_group(&myself, group.clone()).await,
                 };
-                let args = GroupArgs {
-                    id: group.clone(),
-                    router,
+                if let Err(e) = &result {
+                    warn!(group = %group, error = %e, "group actor not started");
+                }
+                let _ = reply.send(result);
+            }
+            HostMessage::ActivatePresence(user, stale, reply) => {
+                if let Some(stale) = stale {
+                    state.registries.presence.unregister(&user, stale);
+                }
+                let result = match state.registries.presence.get(&user) {
+                    Some(a) => Ok(a),
+                    None => state.spawn_presence(&myself, user).await,
                 };
-                match Actor::spawn_linked(None, Group, args, myself.get_cell()).await {
-                    Ok((actor, _)) => {
-                        state.children.insert(actor.get_id(), group.clone());
-                        lock(&state.registry).insert(group, actor.clone());
-                        metrics::counter!("chat_group_activations_total").increment(1);
-                        let _ = reply.send(Ok(actor));
-                    }
-                    Err(e) => {
-                        warn!(group = %group, error = %e, "group actor failed to start");
-                        let _ =
-                            reply.send(Err(ChatError::Unavailable(format!("group start: {e}"))));
+                let _ = reply.send(result);
+            }
+            HostMessage::Retire { entity, actor } => match entity {
+                Entity::Group(g) => {
+                    if let Some(a) = state.registries.groups.unregister(&g, actor) {
+                        debug!(group = %g, "retiring group actor");
+                        let _ = a.cast(GroupMessage::Retire);
                     }
                 }
-            }
-            HostMessage::Retire { group, actor } => {
-                if let Some(a) = state.unregister(&group, actor) {
-                    debug!(group = %group, "retiring group actor");
-                    let _ = a.cast(GroupMessage::Retire);
+                Entity::Presence(u) => {
+                    if let Some(a) = state.registries.presence.unregister(&u, actor) {
+                        let _ = a.cast(PresenceMessage::Retire);
+                    }
                 }
-            }
+            },
             HostMessage::Rebalance => {
                 let Some(router) = &state.router else {
                     return Ok(());
                 };
-                let moving: Vec<_> = {
-                    let mut reg = lock(&state.registry);
-                    let gone: Vec<GroupId> = reg
-                        .keys()
-                        .filter(|g| !router.owns(g.as_str()))
-                        .cloned()
-                        .collect();
-                    gone.into_iter()
-                        .filter_map(|g| reg.remove(&g).map(|a| (g, a)))
-                        .collect()
-                };
-                if !moving.is_empty() {
+                let groups = state
+                    .registries
+                    .groups
+                    .take_unless(|g| router.owns(g.as_str()));
+                let presences = state
+                    .registries
+                    .presence
+                    .take_unless(|u| router.owns(u.as_str()));
+                if !groups.is_empty() || !presences.is_empty() {
                     info!(
-                        groups = moving.len(),
-                        "handing over groups this node no longer owns"
+                        groups = groups.len(),
+                        presences = presences.len(),
+                        "handing over entities this node no longer owns"
                     );
                 }
-                for (_, a) in moving {
-                    let _ = a.cast(GroupMessage::Retire);
-                }
+                retire_groups(groups);
+                retire_presences(presences);
             }
             HostMessage::RetireAll => {
-                let actors: Vec<_> = lock(&state.registry).drain().map(|(_, a)| a).collect();
-                info!(groups = actors.len(), "retiring every group actor");
-                for a in actors {
-                    let _ = a.cast(GroupMessage::Retire);
-                }
+                let n = state.retire_all();
+                info!(actors = n, "retiring every entity actor");
             }
             HostMessage::Stats(reply) => {
                 let _ = reply.send(HostStats {
-                    groups: lock(&state.registry).len(),
+                    groups: state.registries.groups.lock().len(),
+                    presences: state.registries.presence.lock().len(),
                 });
             }
             HostMessage::StopAll(reply) => {
                 state.stopping = true;
-                let actors: Vec<_> = lock(&state.registry).drain().map(|(_, a)| a).collect();
-                info!(groups = actors.len(), "retiring every group actor");
-                for a in actors {
-                    let _ = a.cast(GroupMessage::Retire);
-                }
+                let n = state.retire_all();
+                info!(actors = n, "stopping every entity actor");
                 state.stop_waiters.push(reply);
                 state.answer_stop_waiters();
             }
@@ -228,10 +348,18 @@ impl Actor for Host {
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
             _ => return Ok(()),
         };
-        if let Some(group) = state.children.remove(&cell.get_id()) {
-            state.unregister(&group, cell.get_id());
+        let id = cell.get_id();
+        if let Some(entity) = state.children.remove(&id) {
+            match &entity {
+                Entity::Group(g) => {
+                    state.registries.groups.unregister(g, id);
+                }
+                Entity::Presence(u) => {
+                    state.registries.presence.unregister(u, id);
+                }
+            }
             if let Some(reason) = failure {
-                info!(group = %group, reason = %reason, "group actor ended");
+                info!(entity = ?entity, reason = %reason, "entity actor ended");
             }
         }
         state.answer_stop_waiters();

@@ -24,7 +24,9 @@
 //! - [`cluster`], [`placement`]: the node's port, the wire between nodes,
 //!   rendezvous placement.
 //! - [`request`]: a client request's target group and checked operation.
-//! - [`group`] (+ `group/plan.rs`, the pure commit planner), [`session`], [`relay`].
+//! - [`group`] (+ `group/plan.rs`, the pure commit planner, and
+//!   `group/receipts.rs`, receipt aggregation), [`session`], [`relay`],
+//!   [`presence`].
 //! - [`ratelimit`]: the per-connection token bucket.
 #![warn(missing_docs)]
 
@@ -36,6 +38,7 @@ pub mod host;
 pub mod ids;
 pub mod outbound;
 pub mod placement;
+pub mod presence;
 pub mod ratelimit;
 pub mod relay;
 pub mod request;

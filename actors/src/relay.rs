@@ -84,6 +84,13 @@ pub enum RelayMessage {
         /// What to push.
         push: Arc<SharedPush>,
     },
+    /// A push for given local sessions.
+    DeliverToSessions {
+        /// Recipients.
+        sessions: Vec<SessionId>,
+        /// What to push.
+        push: Arc<SharedPush>,
+    },
     /// Pushes `push` to every local session and closes them with `code`.
     CloseAll {
         /// A last push (e.g. goaway).
@@ -127,10 +134,13 @@ pub struct LocalUser {
 /// - `users` holds exactly the users with at least one open session here.
 /// - `u ∈ groups[g]` ⇔ `users[u]` exists and `g ∈ users[u].groups`; no entry
 ///   of `groups` is empty.
+/// - `sessions` holds exactly the sessions listed in `users`.
 #[derive(Debug, Default)]
 pub struct RelayState {
     users: HashMap<UserId, LocalUser>,
     groups: HashMap<GroupId, HashSet<UserId>>,
+    /// Every local session by id (the same handles as in `users`).
+    sessions: HashMap<SessionId, SessionHandle>,
 }
 
 impl RelayState {
@@ -172,6 +182,7 @@ impl RelayState {
     }
 
     fn unregister(&mut self, user: &UserId, session: SessionId) {
+        self.sessions.remove(&session);
         let Some(local) = self.users.get_mut(user) else {
             return;
         };
@@ -194,7 +205,11 @@ impl RelayState {
         let Some(local) = self.users.get(user) else {
             return 0;
         };
-        local.sessions.iter().filter(|(_, h)| h.push(item())).count()
+        local
+            .sessions
+            .iter()
+            .filter(|(_, h)| h.push(item()))
+            .count()
     }
 }
 
@@ -227,6 +242,7 @@ impl Actor for Relay {
                 session,
                 handle,
             } => {
+                state.sessions.insert(session, handle.clone());
                 state
                     .users
                     .entry(user)
@@ -281,6 +297,17 @@ impl Actor for Relay {
                 let mut delivered = 0u64;
                 for u in &users {
                     delivered += state.push_to_user(u, &push) as u64;
+                }
+                metrics::counter!("chat_relay_deliveries_total").increment(delivered);
+            }
+            RelayMessage::DeliverToSessions { sessions, push } => {
+                let mut delivered = 0u64;
+                for s in sessions {
+                    if let Some(h) = state.sessions.get(&s)
+                        && h.push(Outbound::Push(push.clone()))
+                    {
+                        delivered += 1;
+                    }
                 }
                 metrics::counter!("chat_relay_deliveries_total").increment(delivered);
             }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use prost::Message as _;
 use proto::Encoding;
@@ -23,17 +23,15 @@ use crate::cluster::{PeerEvent, Pending, Port, Wire, port_group, relay_envelopes
 use crate::config::ActorConfig;
 use crate::error::{ChatError, ChatResult};
 use crate::group::{GroupMessage, GroupOp};
-use crate::host::{Host, HostMessage, HostStats};
+use crate::host::{Entity, Host, HostMessage, HostStats, Registries};
 use crate::ids::{GroupId, SessionId, UserId};
+use crate::outbound::SharedPush;
 use crate::outbound::{RemoteReplier, ReplyTo};
 use crate::placement;
+use crate::presence::{PresenceMessage, PresenceOp, SessionAddr};
 use crate::relay::{Relay, RelayMessage, RelayStats};
 use crate::request;
 use crate::store::Store;
-
-/// The registry of running group actors on this node: written by the host
-/// only, read by every router clone.
-pub type Registry = Mutex<HashMap<GroupId, ActorRef<GroupMessage>>>;
 
 /// The cluster as this node sees it.
 #[derive(Debug, Clone)]
@@ -49,7 +47,7 @@ struct Inner {
     node: String,
     store: Store,
     config: ActorConfig,
-    registry: Arc<Registry>,
+    registries: Arc<Registries>,
     host: ActorRef<HostMessage>,
     relay: ActorRef<RelayMessage>,
     next_session: AtomicU64,
@@ -72,14 +70,6 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Locks the registry. A poisoned lock only means a panic elsewhere while
-/// holding it; the map itself is always consistent (single inserts/removes).
-pub(crate) fn lock(
-    registry: &Registry,
-) -> MutexGuard<'_, HashMap<GroupId, ActorRef<GroupMessage>>> {
-    registry.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Router {
     /// Starts the node's relay and host and returns the router.
     pub async fn start(node: &str, store: Store, config: ActorConfig) -> Result<Router, String> {
@@ -87,8 +77,8 @@ impl Router {
         let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, ())
             .await
             .map_err(|e| format!("starting relay: {e}"))?;
-        let registry = Arc::new(Registry::default());
-        let (host, _) = Actor::spawn(Some(format!("{node}.host")), Host, registry.clone())
+        let registries = Arc::new(Registries::default());
+        let (host, _) = Actor::spawn(Some(format!("{node}.host")), Host, registries.clone())
             .await
             .map_err(|e| format!("starting host: {e}"))?;
         let router = Router {
@@ -96,7 +86,7 @@ impl Router {
                 node: node.to_string(),
                 store,
                 config,
-                registry,
+                registries,
                 host: host.clone(),
                 relay,
                 next_session: AtomicU64::new(1),
@@ -402,9 +392,9 @@ impl Router {
         stale: Option<ractor::ActorId>,
     ) -> ChatResult<ActorRef<GroupMessage>> {
         if stale.is_none()
-            && let Some(a) = lock(&self.inner.registry).get(group)
+            && let Some(a) = self.inner.registries.groups.get(group)
         {
-            return Ok(a.clone());
+            return Ok(a);
         }
         let timeout = self.inner.config.tuning.call_timeout;
         let result = call_t!(
@@ -419,6 +409,174 @@ impl Router {
             Ok(Err(e)) => Err(e),
             Err(e) => Err(ChatError::Unavailable(format!("host: {e}"))),
         }
+    }
+
+    async fn presence_actor(
+        &self,
+        user: &UserId,
+        stale: Option<ractor::ActorId>,
+    ) -> ChatResult<ActorRef<PresenceMessage>> {
+        if stale.is_none()
+            && let Some(a) = self.inner.registries.presence.get(user)
+        {
+            return Ok(a);
+        }
+        let timeout = self.inner.config.tuning.call_timeout.as_millis() as u64;
+        match call_t!(
+            self.inner.host,
+            HostMessage::ActivatePresence,
+            timeout,
+            user.clone(),
+            stale
+        ) {
+            Ok(r) => r,
+            Err(e) => Err(ChatError::Unavailable(format!("host: {e}"))),
+        }
+    }
+
+    /// Delivers `msg` to the user's presence actor on this node.
+    async fn to_presence(&self, user: &UserId, msg: PresenceMessage) -> ChatResult<()> {
+        let mut msg = msg;
+        let mut stale = None;
+        for _ in 0..2 {
+            let actor = self.presence_actor(user, stale.take()).await?;
+            match actor.cast(msg) {
+                Ok(()) => return Ok(()),
+                Err(MessagingErr::SendErr(back)) => {
+                    stale = Some(actor.get_id());
+                    msg = back;
+                }
+                Err(e) => return Err(ChatError::Internal(format!("routing: {e}"))),
+            }
+        }
+        Err(ChatError::Unavailable(format!(
+            "presence of {user} is restarting"
+        )))
+    }
+
+    /// A session's presence operation on `user`, wherever the user's
+    /// presence actor lives. Best effort: sessions repeat touches and
+    /// subscriptions every third of the presence TTL.
+    pub async fn presence_op(&self, user: &UserId, session: SessionAddr, op: PresenceOp) {
+        let owner = self.owner_of(user.as_str());
+        if owner == self.inner.node {
+            let msg = PresenceMessage::Op { session, op };
+            if let Err(e) = self.to_presence(user, msg).await {
+                debug!(user = %user, error = %e, "presence op not delivered");
+            }
+            return;
+        }
+        let op = match op {
+            PresenceOp::Touch => v1::presence_op::Op::Touch,
+            PresenceOp::Leave => v1::presence_op::Op::Leave,
+            PresenceOp::Subscribe => v1::presence_op::Op::Subscribe,
+            PresenceOp::Unsubscribe => v1::presence_op::Op::Unsubscribe,
+        };
+        self.send_to_node(
+            &owner,
+            Env::Presence(v1::PresenceOp {
+                user_id: user.to_string(),
+                op: op as i32,
+                session: session.1.0,
+                session_node: session.0,
+            }),
+        );
+    }
+
+    /// A presence operation another node sent for one of its sessions.
+    pub(crate) async fn serve_presence_op(&self, from: &str, op: v1::PresenceOp) {
+        let Some(user) = UserId::parse(&op.user_id) else {
+            return;
+        };
+        let kind = match op.op() {
+            v1::presence_op::Op::Touch => PresenceOp::Touch,
+            v1::presence_op::Op::Leave => PresenceOp::Leave,
+            v1::presence_op::Op::Subscribe => PresenceOp::Subscribe,
+            v1::presence_op::Op::Unsubscribe => PresenceOp::Unsubscribe,
+            v1::presence_op::Op::Unspecified => return,
+        };
+        if !self.owns(user.as_str()) {
+            return; // Views disagree for a moment; the session repeats it.
+        }
+        let node = if op.session_node.is_empty() {
+            from.to_string()
+        } else {
+            op.session_node.clone()
+        };
+        let msg = PresenceMessage::Op {
+            session: (node, SessionId(op.session)),
+            op: kind,
+        };
+        if let Err(e) = self.to_presence(&user, msg).await {
+            debug!(user = %user, error = %e, "presence op not delivered");
+        }
+    }
+
+    /// A user's presence, from any node (an internal service API).
+    pub async fn presence_of(&self, user: &UserId) -> ChatResult<v1::Presence> {
+        let (reply, rx) = ReplyTo::oneshot();
+        self.query_presence(user, reply).await;
+        let timeout = self.inner.config.tuning.call_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(Kind::Presence(p)))) => Ok(p),
+            Ok(Ok(Ok(other))) => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ChatError::Unavailable("request dropped".into())),
+            Err(_) => Err(ChatError::Unavailable("timed out".into())),
+        }
+    }
+
+    pub(crate) async fn query_presence(&self, user: &UserId, reply: ReplyTo) {
+        let owner = self.owner_of(user.as_str());
+        if owner == self.inner.node {
+            if let Err(e) = self.to_presence(user, PresenceMessage::Query(reply)).await {
+                debug!(user = %user, error = %e, "presence query not delivered");
+            }
+            return;
+        }
+        let token = self.inner.pending.insert(&owner, reply);
+        let env = Env::PresenceQuery(v1::PresenceQuery {
+            user_id: user.to_string(),
+            token,
+        });
+        if !self.send_to_node(&owner, env) {
+            self.inner.pending.complete(
+                token,
+                Err(ChatError::Unavailable(format!("owner {owner} unreachable"))),
+            );
+        }
+    }
+
+    /// Pushes to given sessions anywhere in the cluster (one message per node).
+    pub fn deliver_to_sessions(&self, sessions: Vec<SessionAddr>, push: Arc<SharedPush>) {
+        let mut by_node: HashMap<String, Vec<SessionId>> = HashMap::new();
+        for (node, s) in sessions {
+            by_node.entry(node).or_default().push(s);
+        }
+        for (node, ids) in by_node {
+            if node == self.inner.node {
+                self.local_relay(RelayMessage::DeliverToSessions {
+                    sessions: ids,
+                    push: push.clone(),
+                });
+            } else {
+                self.send_to_node(
+                    &node,
+                    Env::DeliverToSessions(v1::RelayDeliverToSessions {
+                        sessions: ids.into_iter().map(|s| s.0).collect(),
+                        push: Some(push.frame().clone()),
+                    }),
+                );
+            }
+        }
+    }
+
+    /// A presence actor wants to stop (no sessions, no subscribers).
+    pub fn retire_presence(&self, user: &UserId, actor: &ActorRef<PresenceMessage>) {
+        let _ = self.inner.host.cast(HostMessage::Retire {
+            entity: Entity::Presence(user.clone()),
+            actor: actor.get_id(),
+        });
     }
 
     /// Sends a message to the relay of every live node: one envelope (or a
@@ -441,7 +599,7 @@ impl Router {
     /// drops it from the registry and sends it `Retire`.
     pub fn retire(&self, group: &GroupId, actor: &ActorRef<GroupMessage>) {
         let _ = self.inner.host.cast(HostMessage::Retire {
-            group: group.clone(),
+            entity: Entity::Group(group.clone()),
             actor: actor.get_id(),
         });
     }

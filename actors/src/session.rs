@@ -16,7 +16,7 @@
 //! What it must not do: touch the socket, keep per-user state beyond the
 //! connection, or wait on storage inside `handle`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use prost::Message as _;
@@ -29,6 +29,7 @@ use tracing::debug;
 use crate::error::{ChatError, ChatResult};
 use crate::ids::{GroupId, SessionId, UserId};
 use crate::outbound::{ReplyTo, SessionHandle};
+use crate::presence::{PresenceOp, SessionAddr};
 use crate::ratelimit::TokenBucket;
 use crate::relay::RelayMessage;
 use crate::request::{self, Target};
@@ -45,6 +46,9 @@ pub enum SessionMessage {
         /// Where the answer goes.
         reply: ReplyTo,
     },
+    /// Timer (a third of the presence TTL): while the client is active,
+    /// refresh its presence and its presence subscriptions.
+    PresenceTick,
 }
 
 impl ractor::Message for SessionMessage {}
@@ -61,14 +65,22 @@ pub struct SessionArgs {
 
 /// The session's state.
 ///
-/// Invariant: while the actor runs, the relay holds this session under
-/// `(user, id)` (registered in `pre_start`, unregistered in `post_stop`).
+/// Invariants: while the actor runs, the relay holds this session under
+/// `(user, id)` (registered in `pre_start`, unregistered in `post_stop`);
+/// the user's presence counts this session while the client sent a frame
+/// within the presence TTL; `subscriptions` are the users whose presence
+/// this session watches (renewed on every presence tick, dropped on stop).
 pub struct SessionState {
     user: UserId,
     id: SessionId,
     router: Router,
     limiter: TokenBucket,
+    last_active: Instant,
+    subscriptions: HashSet<UserId>,
 }
+
+/// Most users one session may watch with `subscribePresence`.
+pub const MAX_PRESENCE_SUBSCRIPTIONS: usize = 1_000;
 
 /// The session actor.
 pub struct Session;
@@ -120,12 +132,29 @@ impl Actor for Session {
         })?;
         metrics::gauge!("chat_sessions").increment(1.0);
         debug!(user = %args.user, session = %id, "session started");
+        let addr = (args.router.node().to_string(), id);
+        args.router
+            .presence_op(&args.user, addr, PresenceOp::Touch)
+            .await;
         Ok(SessionState {
             user: args.user,
             id,
             router: args.router,
             limiter,
+            last_active: Instant::now(),
+            subscriptions: HashSet::new(),
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let period = (state.router.config().tuning.presence_ttl / 3)
+            .max(std::time::Duration::from_millis(100));
+        myself.send_interval(period, || SessionMessage::PresenceTick);
+        Ok(())
     }
 
     async fn post_stop(
@@ -137,6 +166,17 @@ impl Actor for Session {
             user: state.user.clone(),
             session: state.id,
         });
+        let addr = state.addr();
+        state
+            .router
+            .presence_op(&state.user, addr.clone(), PresenceOp::Leave)
+            .await;
+        for u in std::mem::take(&mut state.subscriptions) {
+            state
+                .router
+                .presence_op(&u, addr.clone(), PresenceOp::Unsubscribe)
+                .await;
+        }
         metrics::gauge!("chat_sessions").decrement(1.0);
         debug!(user = %state.user, session = %state.id, "session ended");
         Ok(())
@@ -148,7 +188,14 @@ impl Actor for Session {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SessionMessage::Request { kind, reply } = message;
+        let (kind, reply) = match message {
+            SessionMessage::Request { kind, reply } => (kind, reply),
+            SessionMessage::PresenceTick => {
+                state.presence_tick().await;
+                return Ok(());
+            }
+        };
+        state.last_active = Instant::now();
         if !state.limiter.try_take(Instant::now()) {
             metrics::counter!("chat_requests_rate_limited_total").increment(1);
             reply.fail(ChatError::RateLimited);
@@ -197,6 +244,53 @@ fn cut_to_bytes(entries: &mut Vec<(u64, Vec<u8>)>, keep_newest: bool) -> bool {
 }
 
 impl SessionState {
+    fn addr(&self) -> SessionAddr {
+        (self.router.node().to_string(), self.id)
+    }
+
+    async fn presence_tick(&mut self) {
+        if self.last_active.elapsed() >= self.router.config().tuning.presence_ttl {
+            return; // A quiet client stops counting as online.
+        }
+        let addr = self.addr();
+        self.router
+            .presence_op(&self.user, addr.clone(), PresenceOp::Touch)
+            .await;
+        for u in &self.subscriptions {
+            self.router
+                .presence_op(u, addr.clone(), PresenceOp::Subscribe)
+                .await;
+        }
+    }
+
+    async fn subscribe(&mut self, ids: &[String], reply: ReplyTo) {
+        let limits = &self.router.config().limits;
+        if ids.len() > limits.max_users_per_request
+            || self.subscriptions.len() + ids.len() > MAX_PRESENCE_SUBSCRIPTIONS
+        {
+            return reply.fail(ChatError::TooLarge(format!(
+                "a session watches at most {MAX_PRESENCE_SUBSCRIPTIONS} users"
+            )));
+        }
+        let mut users = Vec::with_capacity(ids.len());
+        for id in ids {
+            match UserId::parse(id) {
+                Some(u) => users.push(u),
+                None => return reply.fail(ChatError::Invalid(format!("bad user id {id:?}"))),
+            }
+        }
+        // The reply goes first; each presence actor then pushes its state.
+        reply.ok();
+        let addr = self.addr();
+        for u in users {
+            if self.subscriptions.insert(u.clone()) {
+                self.router
+                    .presence_op(&u, addr.clone(), PresenceOp::Subscribe)
+                    .await;
+            }
+        }
+    }
+
     async fn request(&mut self, kind: Req, reply: ReplyTo) {
         let target = match request::target(&self.user, &kind) {
             Ok(t) => t,
@@ -235,9 +329,7 @@ impl SessionState {
                     reply.send(sync(&store, &user).await);
                 });
             }
-            Req::SubscribePresence(_) => reply.fail(ChatError::Unavailable(
-                "presence is not available on this server version".into(),
-            )),
+            Req::SubscribePresence(p) => self.subscribe(&p.user_ids, reply).await,
             Req::Heartbeat(_) => reply.ok(),
             // request::target sends every other kind to a group.
             _ => reply.fail(ChatError::Internal("unroutable request".into())),
@@ -374,10 +466,16 @@ mod tests {
         let page = || (1..=5u64).map(|s| (s, vec![0u8; big])).collect::<Vec<_>>();
         let mut forward = page();
         assert!(cut_to_bytes(&mut forward, false));
-        assert_eq!(forward.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            forward.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         let mut backward = page();
         assert!(cut_to_bytes(&mut backward, true));
-        assert_eq!(backward.iter().map(|e| e.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            backward.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         let mut huge = vec![(1, vec![0u8; MAX_HISTORY_REPLY_BYTES * 2])];
         assert!(!cut_to_bytes(&mut huge, false), "one message always fits");
         assert_eq!(huge.len(), 1);

@@ -188,6 +188,8 @@ pub struct TuningSection {
     pub call_timeout_ms: u64,
     /// At most one receipts push per group per this interval.
     pub receipts_interval_ms: u64,
+    /// A session silent for this long stops counting for its user's presence.
+    pub presence_ttl_ms: u64,
     /// Graceful shutdown deadline.
     pub shutdown_deadline_ms: u64,
 }
@@ -201,6 +203,7 @@ impl Default for TuningSection {
             typing_throttle_ms: t.typing_throttle.as_millis() as u64,
             call_timeout_ms: t.call_timeout.as_millis() as u64,
             receipts_interval_ms: t.receipts_interval.as_millis() as u64,
+            presence_ttl_ms: t.presence_ttl.as_millis() as u64,
             shutdown_deadline_ms: 8_000,
         }
     }
@@ -302,6 +305,7 @@ impl Config {
                 typing_throttle: Duration::from_millis(t.typing_throttle_ms),
                 call_timeout: Duration::from_millis(t.call_timeout_ms),
                 receipts_interval: Duration::from_millis(t.receipts_interval_ms),
+                presence_ttl: Duration::from_millis(t.presence_ttl_ms),
                 ..Tuning::default()
             },
         }

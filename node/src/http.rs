@@ -191,7 +191,9 @@ pub struct Status {
 }
 
 /// The operator endpoints: `GET /admin/status`, `GET /admin/owner?group=ID`
-/// (the node that owns a group in this node's view), `POST /admin/drain`,
+/// (the node that owns a group in this node's view), `GET
+/// /admin/presence?user=ID` (a user's presence, from any node),
+/// `POST /admin/drain`,
 /// `POST /admin/system?group=ID` (body: the text). They need an operator
 /// token (`chat-node admin ...` mints one from the config's secret).
 async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
@@ -242,6 +244,22 @@ async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
             ),
             None => text(StatusCode::BAD_REQUEST, "group=ID required\n"),
         },
+        (Method::GET, "/admin/presence") => {
+            let Some(user) = query_param(&req, "user").and_then(actors::UserId::parse) else {
+                return text(StatusCode::BAD_REQUEST, "user=ID required\n");
+            };
+            match server.router.presence_of(&user).await {
+                Ok(p) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "userId": p.user_id,
+                        "status": p.status().as_str_name(),
+                        "lastSeenMs": p.last_seen_ms,
+                    }),
+                ),
+                Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            }
+        }
         (Method::POST, "/admin/drain") => {
             let s = server.clone();
             tokio::spawn(async move {

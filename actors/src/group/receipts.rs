@@ -172,7 +172,9 @@ mod tests {
         // Deterministic pseudo-random forward moves.
         let mut x: u64 = 7;
         for _ in 0..2_000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let i = (x >> 33) as usize % ptrs.len();
             let to = ptrs[i] + (x >> 50) % 4;
             pc.moved(ptrs[i], to);
