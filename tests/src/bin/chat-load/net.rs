@@ -1,0 +1,348 @@
+//! Client connections: tokens, source-address spreading, the WebSocket
+//! upgrade, a reader task per connection, and request/reply helpers.
+//!
+//! Every connection asks for `?encoding=binary` so pushes arrive as
+//! protobuf, uses a 4 KiB WebSocket read buffer (the default 128 KiB one
+//! would dominate the load generator's memory at 19k connections), and binds
+//! its socket to one of several 127.0.0.N source addresses so ephemeral
+//! ports never run out.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use prost::Message as _;
+use proto::v1::{ClientFrame, ServerFrame, client_frame, server_frame};
+use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::stats::{Recorder, now_nanos};
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct Target {
+    /// The node's listener (loopback only).
+    pub addr: SocketAddr,
+    /// The node's `[auth] jwt_secret`.
+    pub secret: String,
+    /// Source addresses, used round-robin by connection index.
+    pub sources: Vec<Ipv4Addr>,
+}
+
+impl Target {
+    /// Checks that `addr` is in 127.0.0.0/8 and builds the source list
+    /// 127.0.0.2 ..= 127.0.0.(1 + sources).
+    pub fn new(addr: SocketAddr, secret: String, sources: usize) -> Result<Target> {
+        match addr.ip() {
+            IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
+            other => bail!("refusing to load {other}: only 127.0.0.0/8 is allowed"),
+        }
+        Ok(Target {
+            addr,
+            secret,
+            sources: source_addrs(sources),
+        })
+    }
+}
+
+/// 127.0.0.2 ..= 127.0.0.(1 + n), at least one, at most 250.
+pub fn source_addrs(n: usize) -> Vec<Ipv4Addr> {
+    (0..n.clamp(1, 250))
+        .map(|i| Ipv4Addr::new(127, 0, 0, 2 + i as u8))
+        .collect()
+}
+
+/// Reads `[auth] jwt_secret` from a node config file.
+pub fn secret_from_config(path: &std::path::Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    value
+        .get("auth")
+        .and_then(|a| a.get("jwt_secret"))
+        .and_then(|s| s.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("{}: no [auth] jwt_secret", path.display()))
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    exp: u64,
+}
+
+/// An HS256 token for `user`, valid for an hour.
+pub fn mint(secret: &str, user: &str) -> Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3_600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims { sub: user, exp },
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+type WsStream = WebSocketStream<TcpStream>;
+
+/// WebSocket settings of every load connection.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(8192)
+        .max_write_buffer_size(1 << 20)
+}
+
+/// One authenticated connection: the write half and the replies (frames
+/// with an id) the reader task forwarded. Pushes never come here: the
+/// reader records load messages in the [`Recorder`] and drops the rest.
+pub struct Conn {
+    /// The user.
+    pub user: String,
+    /// Index of the connection (source address, recorder shard).
+    pub index: usize,
+    tx: SplitSink<WsStream, Ws>,
+    /// Replies from the server, in arrival order.
+    pub replies: mpsc::UnboundedReceiver<ServerFrame>,
+    next_id: u64,
+}
+
+/// Opens connection `index` for `user`.
+pub async fn connect(
+    target: &Target,
+    index: usize,
+    user: &str,
+    rec: Arc<Recorder>,
+) -> Result<Conn> {
+    let src = target.sources[index % target.sources.len()];
+    let socket = TcpSocket::new_v4()?;
+    socket
+        .bind(SocketAddr::new(IpAddr::V4(src), 0))
+        .with_context(|| format!("binding {src}"))?;
+    let stream = socket.connect(target.addr).await.context("TCP connect")?;
+    stream.set_nodelay(true)?;
+    let token = mint(&target.secret, user)?;
+    let url = format!("ws://{}/ws?encoding=binary&token={token}", target.addr);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
+        .await
+        .context("WebSocket upgrade")?;
+    let (tx, rx) = ws.split();
+    let (reply_tx, replies) = mpsc::unbounded_channel();
+    tokio::spawn(read_loop(rx, reply_tx, rec, index));
+    Ok(Conn {
+        user: user.to_string(),
+        index,
+        tx,
+        replies,
+        next_id: 1,
+    })
+}
+
+async fn read_loop(
+    mut rx: SplitStream<WsStream>,
+    replies: mpsc::UnboundedSender<ServerFrame>,
+    rec: Arc<Recorder>,
+    index: usize,
+) {
+    let how = loop {
+        match rx.next().await {
+            Some(Ok(Ws::Binary(b))) => {
+                let Ok(frame) = ServerFrame::decode(&b[..]) else {
+                    rec.closed("undecodable frame".into());
+                    continue;
+                };
+                if frame.id != 0 {
+                    let _ = replies.send(frame);
+                } else {
+                    match frame.kind {
+                        Some(server_frame::Kind::Message(m)) => {
+                            rec.on_text(index, &m.text, now_nanos())
+                        }
+                        Some(server_frame::Kind::Error(e)) => {
+                            rec.closed(format!("error push {:?}", e.code()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Some(Ok(Ws::Close(c))) => {
+                break c.map_or("close".to_string(), |c| u16::from(c.code).to_string());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break format!("error: {e}"),
+            None => break "eof".to_string(),
+        }
+    };
+    // The load generator's own closes at the end are not interesting.
+    if how != "1000" && how != "eof" {
+        rec.closed(how);
+    }
+}
+
+impl Conn {
+    /// Sends a request and flushes at once.
+    pub async fn send_flush(&mut self, kind: client_frame::Kind) -> Result<u64> {
+        let id = self.feed(kind).await?;
+        self.flush().await?;
+        Ok(id)
+    }
+
+    /// Queues a request in the write buffer.
+    pub async fn feed(&mut self, kind: client_frame::Kind) -> Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = ClientFrame {
+            id,
+            kind: Some(kind),
+        };
+        self.tx
+            .feed(Ws::Binary(frame.encode_to_vec().into()))
+            .await?;
+        Ok(id)
+    }
+
+    /// Writes out queued requests.
+    pub async fn flush(&mut self) -> Result<()> {
+        Ok(self.tx.flush().await?)
+    }
+
+    /// Sends a request and waits (up to `timeout`) for its reply; other
+    /// replies that arrive meanwhile are dropped. An `error` reply is an
+    /// `Err`.
+    pub async fn request(
+        &mut self,
+        kind: client_frame::Kind,
+        timeout: Duration,
+    ) -> Result<server_frame::Kind> {
+        let id = self.send_flush(kind).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.replies.recv())
+                .await
+                .map_err(|_| anyhow!("{}: no reply to request {id} in {timeout:?}", self.user))?
+                .ok_or_else(|| anyhow!("{}: connection closed", self.user))?;
+            if frame.id != id {
+                continue;
+            }
+            return match frame.kind {
+                Some(server_frame::Kind::Error(e)) => Err(anyhow!(
+                    "{}: server error {:?}: {}",
+                    self.user,
+                    e.code(),
+                    e.message
+                )),
+                Some(k) => Ok(k),
+                None => Err(anyhow!("reply without a kind")),
+            };
+        }
+    }
+
+    /// Closes the connection politely (best effort).
+    pub async fn close(mut self) {
+        let _ = self.tx.send(Ws::Close(None)).await;
+    }
+}
+
+/// Opens connections `range` for users `prefix<i>`, at most `parallel`
+/// handshakes at once. Failures are counted, not fatal; returns the
+/// connections in index order (missing failed ones) and the failures'
+/// first error.
+pub async fn connect_many(
+    target: &Target,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    parallel: usize,
+    rec: Arc<Recorder>,
+) -> (Vec<Conn>, usize, Option<String>) {
+    let results: Vec<(usize, Result<Conn>)> = futures::stream::iter(range)
+        .map(|i| {
+            let rec = rec.clone();
+            let user = crate::plan::user_id(prefix, i);
+            async move {
+                let r =
+                    tokio::time::timeout(Duration::from_secs(30), connect(target, i, &user, rec))
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("connect timed out")));
+                (i, r)
+            }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    let mut conns = Vec::with_capacity(results.len());
+    let mut failed = 0;
+    let mut first_err = None;
+    for (_, r) in results {
+        match r {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                failed += 1;
+                first_err.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    conns.sort_by_key(|c| c.index);
+    (conns, failed, first_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_targets() {
+        assert!(Target::new("127.0.0.1:8080".parse().unwrap(), "s".into(), 4).is_ok());
+        assert!(Target::new("127.5.6.7:1".parse().unwrap(), "s".into(), 4).is_ok());
+        assert!(Target::new("10.0.0.1:8080".parse().unwrap(), "s".into(), 4).is_err());
+        assert!(Target::new("[::1]:8080".parse().unwrap(), "s".into(), 4).is_err());
+    }
+
+    #[test]
+    fn source_addresses() {
+        let s = source_addrs(3);
+        assert_eq!(
+            s,
+            vec![
+                Ipv4Addr::new(127, 0, 0, 2),
+                Ipv4Addr::new(127, 0, 0, 3),
+                Ipv4Addr::new(127, 0, 0, 4)
+            ]
+        );
+        assert_eq!(source_addrs(0).len(), 1);
+        assert_eq!(source_addrs(1000).len(), 250);
+    }
+
+    #[test]
+    fn tokens_are_hs256_with_sub_and_exp() {
+        let t = mint("0123456789abcdef-secret", "alice").unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        v.set_required_spec_claims(&["exp", "sub"]);
+        let d = jsonwebtoken::decode::<serde_json::Value>(
+            &t,
+            &jsonwebtoken::DecodingKey::from_secret(b"0123456789abcdef-secret"),
+            &v,
+        )
+        .unwrap();
+        assert_eq!(d.claims["sub"], "alice");
+    }
+
+    #[test]
+    fn secret_is_read_from_the_node_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("n.toml");
+        std::fs::write(
+            &p,
+            "[node]\nname = \"n\"\n[auth]\njwt_secret = \"abc-0123456789abcdef\"\n",
+        )
+        .unwrap();
+        assert_eq!(secret_from_config(&p).unwrap(), "abc-0123456789abcdef");
+        std::fs::write(&p, "[node]\nname = \"n\"\n").unwrap();
+        assert!(secret_from_config(&p).is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! Result rows: what every scenario prints as a table line and writes as
+//! JSON, and the combined table of several result files.
+
+use serde::{Deserialize, Serialize};
+
+/// One line of the results table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    /// Scenario name, e.g. `2. fan-out`.
+    pub scenario: String,
+    /// The parameters that matter (counts, rates).
+    pub params: String,
+    /// The headline number(s).
+    pub result: String,
+    /// `p50 / p99 / p99.9 / max` in ms, or `-`.
+    pub latency_ms: String,
+    /// CPU of the node over the measured interval (% of one core).
+    pub node_cpu: String,
+    /// CPU of the load generator (% of one core).
+    pub loadgen_cpu: String,
+    /// The target from the issue, or `-`.
+    pub target: String,
+    /// `met`, `MISSED (...)`, `-`, `TODO`.
+    pub verdict: String,
+}
+
+/// A result file: rows for the table plus free-form details.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultFile {
+    /// Table rows.
+    pub rows: Vec<Row>,
+    /// Everything else measured (steps, metrics, errors).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+/// Formats a percentage of one core, `-` when unknown.
+pub fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}%"))
+}
+
+/// Formats a rate with thousands separators: `123,456/s`.
+pub fn rate(v: f64) -> String {
+    format!("{}/s", thousands(v.round() as u64))
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+const HEADERS: [&str; 8] = [
+    "scenario",
+    "parameters",
+    "result",
+    "latency p50 / p99 / p99.9 / max (ms)",
+    "node CPU",
+    "load-gen CPU",
+    "target",
+    "verdict",
+];
+
+/// The rows as a Markdown table.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("| {} |\n", HEADERS.join(" | ")));
+    out.push_str(&format!("|{}\n", "---|".repeat(HEADERS.len())));
+    for r in rows {
+        let cells = [
+            &r.scenario,
+            &r.params,
+            &r.result,
+            &r.latency_ms,
+            &r.node_cpu,
+            &r.loadgen_cpu,
+            &r.target,
+            &r.verdict,
+        ];
+        let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "/")).collect();
+        out.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    out
+}
+
+/// `met` or `MISSED (got X, target Y, Z% short)` for a higher-is-better value.
+pub fn verdict_at_least(got: f64, target: f64) -> String {
+    if got >= target {
+        "met".into()
+    } else {
+        format!(
+            "MISSED by {:.0}% ({:.3}x of target)",
+            (1.0 - got / target) * 100.0,
+            got / target
+        )
+    }
+}
+
+/// The same for a lower-is-better value.
+pub fn verdict_at_most(got: f64, target: f64) -> String {
+    if got <= target {
+        "met".into()
+    } else {
+        format!("MISSED: {:.1}x the target", got / target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(rate(512_345.6), "512,346/s");
+        assert_eq!(pct(Some(153.4)), "153%");
+        assert_eq!(pct(None), "-");
+        assert_eq!(verdict_at_least(600.0, 500.0), "met");
+        assert!(verdict_at_least(250.0, 500.0).starts_with("MISSED by 50%"));
+        assert_eq!(verdict_at_most(9.0, 10.0), "met");
+        assert_eq!(verdict_at_most(15.0, 10.0), "MISSED: 1.5x the target");
+    }
+
+    #[test]
+    fn table_and_json_round_trip() {
+        let r = Row {
+            scenario: "1. connections".into(),
+            params: "N=10,000".into(),
+            result: "a|b".into(),
+            ..Row::default()
+        };
+        let t = table(std::slice::from_ref(&r));
+        assert_eq!(t.lines().count(), 3);
+        assert!(t.contains("| 1. connections | N=10,000 | a/b |"));
+        let f = ResultFile {
+            rows: vec![r.clone()],
+            details: serde_json::json!({"x": 1}),
+        };
+        let back: ResultFile = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back.rows, vec![r]);
+    }
+}
