@@ -26,7 +26,6 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use prost::Message as _;
 use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use storage::TxError;
 use storage::model::{DedupeRecord, GroupMeta, MemberRecord, role};
 use tracing::{debug, info, warn};
 
@@ -39,7 +38,8 @@ use crate::router::Router;
 mod plan;
 mod receipts;
 pub use plan::GroupOp;
-use plan::{Batch, Effect, Waiter, Writes};
+pub use plan::Writes;
+use plan::{Batch, Effect, Waiter};
 use receipts::Receipts;
 
 /// Messages of a group actor.
@@ -161,6 +161,9 @@ pub struct GroupState {
     dirty: HashSet<UserId>,
     pointer_waiters: Vec<ReplyTo>,
     flush_scheduled: bool,
+    /// Every send waiting in `pending` or `in_flight` (and possibly some
+    /// already answered): a superset, so a miss needs no scan.
+    waiting_sends: HashSet<(UserId, String)>,
     /// Recent sends: `(user, clientMsgId)` → outcome, for cheap retries.
     recent: HashMap<(UserId, String), DedupeRecord>,
     recent_order: VecDeque<(UserId, String)>,
@@ -218,6 +221,7 @@ impl Actor for Group {
             dirty: HashSet::new(),
             pointer_waiters: Vec::new(),
             flush_scheduled: false,
+            waiting_sends: HashSet::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
             typing: HashMap::new(),
@@ -359,11 +363,22 @@ impl GroupState {
             }
             _ => {}
         }
+        if let GroupOp::Send(s) = &op {
+            self.note_waiting_send(&user, &s.client_msg_id);
+        }
         self.pending.push_back(Waiter::new(user, op, reply));
         self.maybe_commit(myself, false);
     }
 
+    /// The waiting send of `user` with `cmid`, if any. The set of waiting
+    /// sends answers the common case (no such send) in O(1).
     fn pending_send(&mut self, user: &UserId, cmid: &str) -> Option<&mut Waiter> {
+        if !self
+            .waiting_sends
+            .contains(&(user.clone(), cmid.to_string()))
+        {
+            return None;
+        }
         let in_flight = self.in_flight.as_mut().map(|f| f.waiters.iter_mut());
         self.pending
             .iter_mut()
@@ -371,6 +386,25 @@ impl GroupState {
             .find(|w| {
                 w.user == *user && matches!(&w.op, GroupOp::Send(s) if s.client_msg_id == cmid)
             })
+    }
+
+    /// Records a waiting send. Answered sends are not removed one by one:
+    /// the set is rebuilt from the live waiters when it outgrows them.
+    fn note_waiting_send(&mut self, user: &UserId, cmid: &str) {
+        self.waiting_sends.insert((user.clone(), cmid.to_string()));
+        let live = self.pending.len() + self.in_flight.as_ref().map_or(0, |f| f.waiters.len());
+        if self.waiting_sends.len() > 2 * live + 1_024 {
+            let in_flight = self.in_flight.as_ref().map(|f| f.waiters.iter());
+            self.waiting_sends = self
+                .pending
+                .iter()
+                .chain(in_flight.into_iter().flatten())
+                .filter_map(|w| match &w.op {
+                    GroupOp::Send(s) => Some((w.user.clone(), s.client_msg_id.clone())),
+                    _ => None,
+                })
+                .collect();
+        }
     }
 
     fn member(&self, user: &UserId) -> ChatResult<&Member> {
@@ -553,15 +587,11 @@ impl GroupState {
             Vec::new()
         };
         let writes = batch.shared_writes();
-        let store = self.router.store().clone();
+        let committer = self.router.committer().clone();
         let me = myself.clone();
         let job = writes.clone();
         tokio::spawn(async move {
-            let result = match store.write_with(move |t, m| commit_txn(t, m, &job)).await {
-                Ok(outcome) => Ok(outcome),
-                Err(TxError::Abort(rejected)) => Err(rejected),
-                Err(TxError::Db(e)) => Err(CommitFailure::Storage(e.into())),
-            };
+            let result = committer.commit(job).await;
             let _ = me.cast(GroupMessage::Committed(result));
         });
         self.in_flight = Some(InFlight {
@@ -775,72 +805,6 @@ impl GroupState {
             }
         }
     }
-}
-
-/// The commit transaction: fence, dedupe, then write the batch. A pure
-/// function of the batch, so it can be retried.
-fn commit_txn(
-    t: &mut dyn storage::Txn,
-    m: &storage::model::Model,
-    w: &Writes,
-) -> Result<CommitOutcome, TxError<CommitFailure>> {
-    let gid = w.group.as_str();
-    if m.epoch(t, gid)? != w.epoch {
-        return Err(TxError::Abort(CommitFailure::Fenced));
-    }
-    if m.head(t, gid)? != w.base_head {
-        return Err(TxError::Abort(CommitFailure::Stale("head moved".into())));
-    }
-    let mut dups = Vec::new();
-    for (u, c, _) in &w.dedupes {
-        if let Some(rec) = m.dedupe(t, gid, u, c)? {
-            dups.push((u.clone(), c.clone(), rec));
-        }
-    }
-    if !dups.is_empty() {
-        return Ok(CommitOutcome::Duplicates(dups));
-    }
-    if let Some(meta) = &w.create {
-        if m.meta(t, gid)?.is_some() {
-            return Err(TxError::Abort(CommitFailure::Stale(
-                "group created concurrently".into(),
-            )));
-        }
-        m.claim_epoch(t, gid)?;
-        m.put_meta(t, gid, meta)?;
-    }
-    for (u, rec) in &w.pointers {
-        m.update_member(t, gid, u, rec)?;
-    }
-    if !w.adds.is_empty()
-        && let Err(full) = m.add_members(t, gid, &w.adds)?
-    {
-        return Err(TxError::Abort(CommitFailure::Stale(format!(
-            "member limit disagrees: {full:?}"
-        ))));
-    }
-    if !w.removes.is_empty() {
-        m.remove_members(t, gid, &w.removes)?;
-    }
-    for (u, rec) in &w.updates {
-        m.update_member(t, gid, u, rec)?;
-    }
-    for (seq, body) in &w.log {
-        m.put_log(t, gid, *seq, body)?;
-    }
-    for (u, c, rec) in &w.dedupes {
-        m.put_dedupe(t, gid, u, c, rec)?;
-    }
-    for (parent, seq) in &w.threads {
-        m.put_thread(t, gid, *parent, *seq)?;
-    }
-    for (seq, emoji, u, present) in &w.reactions {
-        m.set_reaction(t, gid, *seq, emoji, u, *present)?;
-    }
-    if w.head != w.base_head {
-        m.set_head(t, gid, w.head)?;
-    }
-    Ok(CommitOutcome::Written)
 }
 
 /// The `sent` reply of a committed send.

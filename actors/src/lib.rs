@@ -18,7 +18,8 @@
 //! - [`ids`]: `UserId`, `GroupId`, `SessionId`.
 //! - [`error`]: `ChatError`, the request failures `node` maps to error codes.
 //! - [`config`]: limits and timings.
-//! - [`store`]: async storage access.
+//! - [`store`]: async storage access; [`committer`]: the node's commit
+//!   stage (many groups' batches in one transaction).
 //! - [`outbound`]: bounded per-connection queues, shared pushes, reply handles.
 //! - [`router`], [`host`]: addressing and supervision of group actors.
 //! - [`cluster`], [`placement`]: the node's port, the wire between nodes,
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod cluster;
+pub mod committer;
 pub mod config;
 pub mod error;
 pub mod group;

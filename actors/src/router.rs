@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::cluster::{PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame};
+use crate::committer::Committer;
 use crate::config::ActorConfig;
 use crate::error::{ChatError, ChatResult};
 use crate::group::{GroupMessage, GroupOp};
@@ -46,6 +47,7 @@ struct View {
 struct Inner {
     node: String,
     store: Store,
+    committer: Committer,
     config: ActorConfig,
     registries: Arc<Registries>,
     host: ActorRef<HostMessage>,
@@ -84,6 +86,7 @@ impl Router {
         let router = Router {
             inner: Arc::new(Inner {
                 node: node.to_string(),
+                committer: Committer::start(store.clone()),
                 store,
                 config,
                 registries,
@@ -347,6 +350,11 @@ impl Router {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The node's commit stage.
+    pub fn committer(&self) -> &Committer {
+        &self.inner.committer
     }
 
     /// The configuration.

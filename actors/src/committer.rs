@@ -1,0 +1,229 @@
+//! The commit stage: one per node, it writes the planned batches of many
+//! group actors in one storage transaction.
+//!
+//! Each group actor already batches its own requests (group commit); this
+//! stage batches across groups, so a node serving a thousand quiet groups
+//! pays one transaction (one fsync with the embedded store) per round
+//! instead of one per group. Every batch is checked on its own inside the
+//! shared transaction (epoch fence, head, dedupe, member limit) before any
+//! of its writes: a rejected batch writes nothing, and the others commit.
+//!
+//! Who talks to it: group actors, through [`Committer::commit`]. It runs
+//! storage on the blocking pool and never holds more than [`MAX_JOBS`]
+//! batches or [`MAX_ENTRIES`] log entries in one transaction; its queue is
+//! bounded ([`QUEUE`]), so a flood of commits slows the groups down instead
+//! of growing memory.
+//!
+//! What it must not do: let one group's rejection or duplicate undo another
+//! group's writes, or reply before the transaction committed.
+
+use std::sync::Arc;
+
+use storage::model::{DedupeRecord, Model};
+use storage::{TxError, Txn};
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::error::ChatError;
+use crate::group::{CommitFailure, CommitOutcome, Writes};
+use crate::store::Store;
+
+/// Most group batches in one transaction.
+pub const MAX_JOBS: usize = 512;
+/// Most log entries in one transaction (a batch larger than this still
+/// goes alone).
+pub const MAX_ENTRIES: usize = 20_000;
+/// Batches waiting for the stage.
+pub const QUEUE: usize = 4_096;
+
+type Outcome = Result<CommitOutcome, CommitFailure>;
+
+struct Job {
+    writes: Arc<Writes>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// The node's commit stage. Cheap to clone.
+#[derive(Clone)]
+pub struct Committer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Committer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Committer")
+    }
+}
+
+impl Committer {
+    /// Starts the stage on `store`.
+    pub fn start(store: Store) -> Committer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(store, rx));
+        Committer { tx }
+    }
+
+    /// Commits one group's batch; resolves once it is durable (or rejected).
+    pub async fn commit(&self, writes: Arc<Writes>) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Job { writes, reply }).await.is_err() {
+            return Err(CommitFailure::Storage(ChatError::Unavailable(
+                "commit stage stopped".into(),
+            )));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(CommitFailure::Storage(ChatError::Unavailable(
+                "commit stage stopped".into(),
+            )))
+        })
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.recv().await {
+        // Everything that queued while the last transaction ran goes into
+        // this one, within the bounds.
+        let mut entries = first.writes.log.len();
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_JOBS && entries < MAX_ENTRIES {
+            let Ok(job) = rx.try_recv() else { break };
+            entries += job.writes.log.len();
+            jobs.push(job);
+        }
+        let batches: Vec<Arc<Writes>> = jobs.iter().map(|j| j.writes.clone()).collect();
+        metrics::histogram!("chat_commit_groups_per_txn").record(batches.len() as f64);
+        metrics::histogram!("chat_commit_entries_per_txn").record(entries as f64);
+        let result = store
+            .write_with(move |t, m| {
+                batches
+                    .iter()
+                    .map(|w| commit_one(t, m, w))
+                    .collect::<Result<Vec<Outcome>, TxError<()>>>()
+            })
+            .await;
+        match result {
+            Ok(outcomes) => {
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                let err = match e {
+                    TxError::Db(e) => ChatError::from(e),
+                    TxError::Abort(()) => ChatError::Internal("commit aborted".into()),
+                };
+                warn!(error = %err, groups = jobs.len(), "commit transaction failed");
+                for job in jobs {
+                    let _ = job.reply.send(Err(CommitFailure::Storage(err.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Checks one group's batch and, if it passes, writes it. A pure function
+/// of the batch and the transaction, so the whole transaction can be retried.
+fn commit_one(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Outcome, TxError<()>> {
+    match check(t, m, w)? {
+        Ok(None) => {
+            write(t, m, w)?;
+            Ok(Ok(CommitOutcome::Written))
+        }
+        Ok(Some(dups)) => Ok(Ok(CommitOutcome::Duplicates(dups))),
+        Err(rejected) => Ok(Err(rejected)),
+    }
+}
+
+type Dups = Vec<(String, String, DedupeRecord)>;
+
+/// Reads only: the fence, the head, retried sends, a concurrent creation,
+/// and the member limit.
+fn check(
+    t: &mut dyn Txn,
+    m: &Model,
+    w: &Writes,
+) -> Result<Result<Option<Dups>, CommitFailure>, storage::Error> {
+    let gid = w.group.as_str();
+    if m.epoch(t, gid)? != w.epoch {
+        return Ok(Err(CommitFailure::Fenced));
+    }
+    if m.head(t, gid)? != w.base_head {
+        return Ok(Err(CommitFailure::Stale("head moved".into())));
+    }
+    let mut dups = Vec::new();
+    for (u, c, _) in &w.dedupes {
+        if let Some(rec) = m.dedupe(t, gid, u, c)? {
+            dups.push((u.clone(), c.clone(), rec));
+        }
+    }
+    if !dups.is_empty() {
+        return Ok(Ok(Some(dups)));
+    }
+    let meta = match &w.create {
+        Some(new) => {
+            if m.meta(t, gid)?.is_some() {
+                return Ok(Err(CommitFailure::Stale(
+                    "group created concurrently".into(),
+                )));
+            }
+            Some(new.clone())
+        }
+        None => m.meta(t, gid)?,
+    };
+    if !w.adds.is_empty() {
+        let Some(meta) = meta else {
+            return Ok(Err(CommitFailure::Stale("group has no meta".into())));
+        };
+        let mut absent = 0u32;
+        for (u, _) in &w.adds {
+            if m.member(t, gid, u)?.is_none() {
+                absent += 1;
+            }
+        }
+        if meta.member_count + absent > meta.max_members {
+            return Ok(Err(CommitFailure::Stale("member limit disagrees".into())));
+        }
+    }
+    Ok(Ok(None))
+}
+
+/// Writes a checked batch.
+fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
+    let gid = w.group.as_str();
+    if let Some(meta) = &w.create {
+        m.claim_epoch(t, gid)?;
+        m.put_meta(t, gid, meta)?;
+    }
+    for (u, rec) in &w.pointers {
+        m.update_member(t, gid, u, rec)?;
+    }
+    // The limit was checked above in this transaction; add_members checks
+    // it again and cannot refuse now.
+    if !w.adds.is_empty() && m.add_members(t, gid, &w.adds)?.is_err() {
+        return Err(storage::Error::Engine(format!(
+            "member limit of {gid} changed inside one transaction"
+        )));
+    }
+    if !w.removes.is_empty() {
+        m.remove_members(t, gid, &w.removes)?;
+    }
+    for (u, rec) in &w.updates {
+        m.update_member(t, gid, u, rec)?;
+    }
+    for (seq, body) in &w.log {
+        m.put_log(t, gid, *seq, body)?;
+    }
+    for (u, c, rec) in &w.dedupes {
+        m.put_dedupe(t, gid, u, c, rec)?;
+    }
+    for (parent, seq) in &w.threads {
+        m.put_thread(t, gid, *parent, *seq)?;
+    }
+    for (seq, emoji, u, present) in &w.reactions {
+        m.set_reaction(t, gid, *seq, emoji, u, *present)?;
+    }
+    if w.head != w.base_head {
+        m.set_head(t, gid, w.head)?;
+    }
+    Ok(())
+}
