@@ -35,8 +35,8 @@ pub enum Outbound {
         id: u64,
         /// The request's encoding, which the reply uses.
         encoding: Encoding,
-        /// What to answer.
-        result: ChatResult<server_frame::Kind>,
+        /// What to answer (boxed: queue slots stay small).
+        result: Box<ChatResult<server_frame::Kind>>,
     },
     /// A push shared by every recipient.
     Push(Arc<SharedPush>),
@@ -298,7 +298,7 @@ impl ReplyTo {
                 session.push(Outbound::Reply {
                     id: self.id,
                     encoding: self.encoding,
-                    result,
+                    result: Box::new(result),
                 });
             }
             ReplyTarget::Remote {
@@ -353,7 +353,7 @@ mod tests {
 
     fn reply_of(o: Outbound) -> (u64, ChatResult<server_frame::Kind>) {
         match o {
-            Outbound::Reply { id, result, .. } => (id, result),
+            Outbound::Reply { id, result, .. } => (id, *result),
             Outbound::Push(_) | Outbound::Batch(_) => panic!("expected a reply"),
         }
     }

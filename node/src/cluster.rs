@@ -46,6 +46,8 @@ use crate::config::ClusterSection;
 pub const CLOSE_RECONNECT: u16 = 1012;
 /// Bound of the event queues into the manager.
 const QUEUE: usize = 4_096;
+/// Every this many pings a peer also gets a `Hello` (addresses, drain state).
+const HELLO_EVERY_PINGS: u64 = 20;
 
 /// A ractor_cluster session event.
 #[derive(Debug)]
@@ -434,7 +436,7 @@ impl Manager {
         for n in names {
             self.router
                 .send_to_node(&n, Env::Ping(v1::Ping { seq: self.ping_seq }));
-            if self.ping_seq % 20 == 0 {
+            if self.ping_seq.is_multiple_of(HELLO_EVERY_PINGS) {
                 self.hello(&n);
             }
         }

@@ -68,7 +68,7 @@ pub fn to_message(item: Outbound, push_encoding: Encoding) -> Message {
             encoding,
             result,
         } => {
-            let frame = match result {
+            let frame = match *result {
                 Ok(kind) => codec::reply(id, kind),
                 Err(e) => error_frame(id, &e),
             };
@@ -117,7 +117,7 @@ mod tests {
         let item = Outbound::Reply {
             id: 3,
             encoding: Encoding::Binary,
-            result: Err(ChatError::RateLimited),
+            result: Box::new(Err(ChatError::RateLimited)),
         };
         let Message::Binary(b) = to_message(item, Encoding::Json) else {
             panic!("binary reply expected")
