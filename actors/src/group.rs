@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use prost::Message as _;
 use proto::v1::{self, server_frame::Kind};
@@ -189,13 +189,6 @@ struct InFlight {
 
 /// The group actor.
 pub struct Group;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl Actor for Group {
     type Msg = GroupMessage;

@@ -20,14 +20,14 @@
 //! without a refresh, or block on storage.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::{debug, warn};
 
 use crate::error::ChatResult;
-use crate::ids::{SessionId, UserId};
+use crate::ids::{SessionId, UserId, now_ms};
 use crate::outbound::{ReplyTo, SharedPush};
 use crate::router::Router;
 
@@ -94,13 +94,6 @@ pub struct PresenceState {
 
 /// The presence actor.
 pub struct Presence;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl PresenceState {
     fn online(&self) -> bool {

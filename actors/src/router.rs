@@ -16,7 +16,7 @@ use prost::Message as _;
 use proto::Encoding;
 use proto::v1::{self, client_frame::Kind as Req, envelope::Kind as Env, server_frame::Kind};
 use ractor::{Actor, ActorRef, MessagingErr, call_t};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::cluster::{PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame};
@@ -321,11 +321,16 @@ impl Router {
                 );
             }
         }
-        let timeout = self.inner.config.tuning.call_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(Kind::Sent(s)))) => Ok(s.seq),
-            Ok(Ok(Ok(other))) => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
-            Ok(Ok(Err(e))) => Err(e),
+        match self.answer(rx).await? {
+            Kind::Sent(s) => Ok(s.seq),
+            other => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Waits for an internal caller's answer, at most the call timeout.
+    async fn answer(&self, rx: oneshot::Receiver<ChatResult<Kind>>) -> ChatResult<Kind> {
+        match tokio::time::timeout(self.inner.config.tuning.call_timeout, rx).await {
+            Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ChatError::Unavailable("request dropped".into())),
             Err(_) => Err(ChatError::Unavailable("timed out".into())),
         }
@@ -524,13 +529,9 @@ impl Router {
     pub async fn presence_of(&self, user: &UserId) -> ChatResult<v1::Presence> {
         let (reply, rx) = ReplyTo::oneshot();
         self.query_presence(user, reply).await;
-        let timeout = self.inner.config.tuning.call_timeout;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(Ok(Kind::Presence(p)))) => Ok(p),
-            Ok(Ok(Ok(other))) => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(ChatError::Unavailable("request dropped".into())),
-            Err(_) => Err(ChatError::Unavailable("timed out".into())),
+        match self.answer(rx).await? {
+            Kind::Presence(p) => Ok(p),
+            other => Err(ChatError::Internal(format!("unexpected reply {other:?}"))),
         }
     }
 

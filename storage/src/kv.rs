@@ -105,22 +105,12 @@ pub fn run<T, E>(
     kv: &dyn Kv,
     mut f: impl FnMut(&mut dyn Txn) -> Result<T, TxError<E>>,
 ) -> Result<T, TxError<E>> {
-    let mut attempt = 0;
-    loop {
-        let result = (|| {
-            let mut txn = kv.begin(TxMode::ReadWrite)?;
-            let value = f(txn.as_mut())?;
-            txn.commit()?;
-            Ok(value)
-        })();
-        match result {
-            Err(TxError::Db(e)) if retry(&e, attempt) => {
-                attempt += 1;
-                backoff(attempt);
-            }
-            other => return other,
-        }
-    }
+    retrying(|| {
+        let mut txn = kv.begin(TxMode::ReadWrite)?;
+        let value = f(txn.as_mut())?;
+        txn.commit()?;
+        Ok(value)
+    })
 }
 
 /// Runs `f` in a read-only transaction (a consistent snapshot), retrying on
@@ -129,16 +119,20 @@ pub fn read<T, E>(
     kv: &dyn Kv,
     mut f: impl FnMut(&mut dyn Txn) -> Result<T, TxError<E>>,
 ) -> Result<T, TxError<E>> {
-    let mut attempt = 0;
+    retrying(|| {
+        let mut txn = kv.begin(TxMode::ReadOnly)?;
+        f(txn.as_mut())
+    })
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or runs out of retries.
+fn retrying<T, E>(mut attempt: impl FnMut() -> Result<T, TxError<E>>) -> Result<T, TxError<E>> {
+    let mut tries = 0;
     loop {
-        let result = (|| {
-            let mut txn = kv.begin(TxMode::ReadOnly)?;
-            f(txn.as_mut())
-        })();
-        match result {
-            Err(TxError::Db(e)) if retry(&e, attempt) => {
-                attempt += 1;
-                backoff(attempt);
+        match attempt() {
+            Err(TxError::Db(e)) if retry(&e, tries) => {
+                tries += 1;
+                backoff(tries);
             }
             other => return other,
         }

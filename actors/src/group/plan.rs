@@ -15,9 +15,10 @@ use std::sync::Arc;
 use proto::v1::{self, server_frame::Kind};
 use storage::model::{DedupeRecord, GroupMeta, MemberRecord, role};
 
-use super::{GroupState, Member, encode, now_ms, sent};
+use super::{GroupState, Member, encode, sent};
 use crate::error::{ChatError, ChatResult};
 use crate::ids::UserId;
+use crate::ids::now_ms;
 use crate::outbound::ReplyTo;
 
 /// Most sends in one commit.
