@@ -426,6 +426,10 @@ impl Manager {
             }
         }
         self.publish_view();
+        // Requests a peer never answered (it may have lost them) end here.
+        self.router
+            .pending()
+            .expire(self.router.config().tuning.call_timeout);
         self.ping_seq += 1;
         let names: Vec<String> = self
             .peers
