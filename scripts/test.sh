@@ -64,8 +64,9 @@ step "tests (unit + end-to-end)"
 # shellcheck disable=SC2086 # CARGO_TEST_ARGS is split on purpose
 run cargo test "${LOCKED[@]}" --workspace --no-fail-fast ${CARGO_TEST_ARGS:-} || failed+=("cargo test")
 
-step "FoundationDB engine compiles (storage, feature fdb)"
-run cargo check "${LOCKED[@]}" -p storage --features fdb --tests || failed+=("cargo check --features fdb")
+step "FoundationDB engine compiles (storage and node, feature fdb)"
+run cargo check "${LOCKED[@]}" -p storage --features fdb --tests || failed+=("cargo check -p storage --features fdb")
+run cargo check "${LOCKED[@]}" -p node --features fdb || failed+=("cargo check -p node --features fdb")
 
 if [ "${#failed[@]}" -ne 0 ]; then
     step "FAILED: ${failed[*]}"

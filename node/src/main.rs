@@ -32,7 +32,7 @@ use std::time::Duration;
 use actors::outbound::{CLOSE_GOING_AWAY, SharedPush};
 use actors::relay::RelayMessage;
 use actors::{Router, Store, UserId};
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use proto::v1::{self, server_frame::Kind};
 use storage::Kv;
@@ -179,7 +179,7 @@ fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Kv>> {
         }
         #[cfg(not(feature = "fdb"))]
         Engine::Foundationdb => {
-            bail!(
+            anyhow::bail!(
                 "storage.engine = \"foundationdb\" needs a build with `--features fdb` (see README)"
             )
         }
