@@ -26,7 +26,7 @@ use std::time::Instant;
 use prost::Message as _;
 use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use storage::model::{DedupeRecord, GroupMeta, MemberRecord, role};
+use storage::model::{DedupeRecord, GroupMeta, LogQuery, MemberRecord, role};
 use tracing::{debug, info, warn};
 
 use crate::error::{ChatError, ChatResult};
@@ -184,7 +184,9 @@ struct InFlight {
     waiters: Vec<Waiter>,
     pointer_waiters: Vec<ReplyTo>,
     /// Members whose pointers this commit writes (dirty again if it is redone).
-    flushed: Vec<UserId>,
+    flushed: HashSet<UserId>,
+    /// Senders whose pointers this commit moves to their messages.
+    sender_pointers: HashSet<UserId>,
 }
 
 /// The group actor.
@@ -243,11 +245,20 @@ impl Actor for Group {
                 let epoch = m.claim_epoch(t, &gid)?;
                 let head = m.head(t, &gid)?;
                 let members = m.members(t, &gid)?;
-                Ok(Some((meta, epoch, head, members)))
+                // Who sent the recent messages: receipts go to them.
+                let recent = m.log_page(t, &gid, LogQuery::Latest, receipts::RECENT)?;
+                Ok(Some((meta, epoch, head, members, recent.entries)))
             })
             .await
             .map_err(|e| format!("loading group {}: {e}", state.id))?;
-        if let Some((meta, epoch, head, members)) = loaded {
+        if let Some((meta, epoch, head, members, recent)) = loaded {
+            for (seq, body) in recent {
+                if let Ok(msg) = v1::Message::decode(&body[..])
+                    && let Some(sender) = UserId::parse(&msg.sender_id)
+                {
+                    state.receipts.sent(seq, &sender);
+                }
+            }
             state.members = members
                 .iter()
                 .filter_map(|(u, r)| Some((UserId::parse(u)?, Member::from_record(r))))
@@ -425,7 +436,20 @@ impl GroupState {
         let old = (m.delivered, m.read);
         let new = (old.0.max(seq), if read { old.1.max(seq) } else { old.1 });
         if new == old {
-            return reply.ok();
+            // Nothing moves, but a move already made may not be written
+            // yet: `ok` must wait for it (ok means durable).
+            if self.dirty.contains(user) {
+                self.pointer_waiters.push(reply);
+            } else if let Some(f) = self
+                .in_flight
+                .as_mut()
+                .filter(|f| f.flushed.contains(user) || f.sender_pointers.contains(user))
+            {
+                f.pointer_waiters.push(reply);
+            } else {
+                reply.ok();
+            }
+            return;
         }
         (m.delivered, m.read) = new;
         self.receipts.moved(old, new);
@@ -567,18 +591,37 @@ impl GroupState {
             }
             return;
         }
-        let mut flushed = Vec::new();
+        let mut flushed = HashSet::new();
+        let mut pointers: HashMap<UserId, MemberRecord> = HashMap::new();
         let pointer_waiters = if with_pointers {
             for u in self.dirty.drain() {
                 if let Some(m) = self.members.get(&u) {
-                    batch.writes.pointers.push((u.to_string(), m.record()));
-                    flushed.push(u);
+                    pointers.insert(u.clone(), m.record());
+                    flushed.insert(u);
                 }
             }
             std::mem::take(&mut self.pointer_waiters)
         } else {
             Vec::new()
         };
+        // Senders have read their own messages: written in the same commit.
+        let mut sender_pointers = HashSet::new();
+        for e in &batch.effects {
+            if let Effect::SenderRead(u, seq) = e
+                && let Some(m) = self.members.get(u)
+            {
+                let rec = pointers.entry(u.clone()).or_insert_with(|| {
+                    sender_pointers.insert(u.clone());
+                    m.record()
+                });
+                rec.read_seq = rec.read_seq.max(*seq);
+                rec.delivered_seq = rec.delivered_seq.max(*seq);
+            }
+        }
+        batch.writes.pointers = pointers
+            .into_iter()
+            .map(|(u, r)| (u.to_string(), r))
+            .collect();
         let writes = batch.shared_writes();
         let committer = self.router.committer().clone();
         let me = myself.clone();
@@ -593,6 +636,7 @@ impl GroupState {
             waiters,
             pointer_waiters,
             flushed,
+            sender_pointers,
         });
     }
 
@@ -731,12 +775,12 @@ impl GroupState {
                     removed.push(u);
                 }
                 Effect::SenderRead(u, seq) => {
+                    // Already written by this commit; memory catches up.
                     self.receipts.sent(seq, &u);
                     if let Some(m) = self.members.get_mut(&u) {
                         let old = (m.delivered, m.read);
                         (m.delivered, m.read) = (old.0.max(seq), old.1.max(seq));
                         self.receipts.moved(old, (m.delivered, m.read));
-                        self.dirty.insert(u);
                     }
                 }
             }

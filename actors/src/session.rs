@@ -249,13 +249,14 @@ impl SessionState {
     }
 
     async fn presence_tick(&mut self) {
-        if self.last_active.elapsed() >= self.router.config().tuning.presence_ttl {
-            return; // A quiet client stops counting as online.
-        }
         let addr = self.addr();
-        self.router
-            .presence_op(&self.user, addr.clone(), PresenceOp::Touch)
-            .await;
+        // A quiet client stops counting as online; its subscriptions last
+        // as long as its session.
+        if self.last_active.elapsed() < self.router.config().tuning.presence_ttl {
+            self.router
+                .presence_op(&self.user, addr.clone(), PresenceOp::Touch)
+                .await;
+        }
         for u in &self.subscriptions {
             self.router
                 .presence_op(u, addr.clone(), PresenceOp::Subscribe)
