@@ -238,7 +238,8 @@ pub fn relay_envelopes(msg: &RelayMessage) -> Vec<Env> {
         | RelayMessage::Attach { .. }
         | RelayMessage::DeliverToSessions { .. }
         | RelayMessage::CloseAll { .. }
-        | RelayMessage::Stats(_) => Vec::new(),
+        | RelayMessage::Stats(_)
+        | RelayMessage::Tick => Vec::new(),
     }
 }
 

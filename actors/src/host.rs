@@ -115,6 +115,8 @@ pub enum HostMessage {
     /// Retire every entity actor (keep serving: the next request starts a
     /// fresh one, which loads from storage and takes a new epoch).
     RetireAll,
+    /// Timer: tick every presence actor (one node-wide timer).
+    Tick,
     /// Counts.
     Stats(RpcReplyPort<HostStats>),
     /// Retire every entity actor and refuse new ones; answer once all have
@@ -255,7 +257,17 @@ impl Actor for Host {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            HostMessage::Init(router) => state.router = Some(router),
+            HostMessage::Init(router) => {
+                let period = (router.config().tuning.presence_ttl / 4)
+                    .max(std::time::Duration::from_millis(100));
+                myself.send_interval(period, || HostMessage::Tick);
+                state.router = Some(router);
+            }
+            HostMessage::Tick => {
+                for a in state.registries.presence.lock().values() {
+                    let _ = a.cast(PresenceMessage::Tick);
+                }
+            }
             HostMessage::Activate(group, stale, reply) => {
                 if let Some(stale) = stale {
                     state.registries.groups.unregister(&group, stale);

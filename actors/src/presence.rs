@@ -59,7 +59,8 @@ pub enum PresenceMessage {
     },
     /// An internal service asks for the user's presence.
     Query(ReplyTo),
-    /// Timer: expire quiet sessions and subscribers, stop when unused.
+    /// Timer (sent by the host to every presence actor, a quarter of the
+    /// TTL): expire quiet sessions and subscribers, stop when unused.
     Tick,
     /// The host dropped this actor from its registry: stop.
     Retire,
@@ -178,7 +179,7 @@ impl Actor for Presence {
 
     async fn post_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let user = state.user.to_string();
@@ -188,9 +189,6 @@ impl Actor for Presence {
             .read(move |t, m| Ok(m.last_seen(t, &user)?))
             .await;
         state.last_seen_ms = seen.unwrap_or(0);
-        let period = (state.router.config().tuning.presence_ttl / 4)
-            .max(std::time::Duration::from_millis(100));
-        myself.send_interval(period, || PresenceMessage::Tick);
         Ok(())
     }
 

@@ -21,6 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::ids::{GroupId, SessionId, UserId};
 use crate::outbound::{Outbound, SessionHandle, SharedPush};
+use crate::session::SessionMessage;
 
 /// Messages of the relay.
 #[derive(Debug)]
@@ -34,6 +35,8 @@ pub enum RelayMessage {
         session: SessionId,
         /// Its outbound queue.
         handle: SessionHandle,
+        /// Its actor (ticked for presence refreshes).
+        actor: ActorRef<SessionMessage>,
     },
     /// A session closed.
     Unregister {
@@ -100,6 +103,9 @@ pub enum RelayMessage {
     },
     /// How many users and sessions are online here.
     Stats(RpcReplyPort<RelayStats>),
+    /// Timer: tick every session (one node-wide timer instead of one per
+    /// session).
+    Tick,
 }
 
 impl ractor::Message for RelayMessage {}
@@ -139,8 +145,8 @@ pub struct LocalUser {
 pub struct RelayState {
     users: HashMap<UserId, LocalUser>,
     groups: HashMap<GroupId, HashSet<UserId>>,
-    /// Every local session by id (the same handles as in `users`).
-    sessions: HashMap<SessionId, SessionHandle>,
+    /// Every local session by id (the same handles as in `users`) and its actor.
+    sessions: HashMap<SessionId, (SessionHandle, Option<ActorRef<SessionMessage>>)>,
 }
 
 impl RelayState {
@@ -213,20 +219,28 @@ impl RelayState {
     }
 }
 
-/// The relay actor (no configuration).
+/// The relay actor.
 #[derive(Debug, Default)]
 pub struct Relay;
+
+/// How often the relay ticks its sessions (a third of the presence TTL).
+#[derive(Debug, Clone, Copy)]
+pub struct RelayArgs {
+    /// The tick period.
+    pub tick: std::time::Duration,
+}
 
 impl Actor for Relay {
     type Msg = RelayMessage;
     type State = RelayState;
-    type Arguments = ();
+    type Arguments = RelayArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        _args: (),
+        myself: ActorRef<Self::Msg>,
+        args: RelayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.tick, || RelayMessage::Tick);
         Ok(RelayState::default())
     }
 
@@ -241,8 +255,11 @@ impl Actor for Relay {
                 user,
                 session,
                 handle,
+                actor,
             } => {
-                state.sessions.insert(session, handle.clone());
+                state
+                    .sessions
+                    .insert(session, (handle.clone(), Some(actor)));
                 state
                     .users
                     .entry(user)
@@ -303,7 +320,7 @@ impl Actor for Relay {
             RelayMessage::DeliverToSessions { sessions, push } => {
                 let mut delivered = 0u64;
                 for s in sessions {
-                    if let Some(h) = state.sessions.get(&s)
+                    if let Some((h, _)) = state.sessions.get(&s)
                         && h.push(Outbound::Push(push.clone()))
                     {
                         delivered += 1;
@@ -318,6 +335,13 @@ impl Actor for Relay {
                             h.push(Outbound::Push(p.clone()));
                         }
                         h.close(code);
+                    }
+                }
+            }
+            RelayMessage::Tick => {
+                for (_, actor) in state.sessions.values() {
+                    if let Some(a) = actor {
+                        let _ = a.cast(SessionMessage::PresenceTick);
                     }
                 }
             }

@@ -30,7 +30,7 @@ use crate::outbound::SharedPush;
 use crate::outbound::{RemoteReplier, ReplyTo};
 use crate::placement;
 use crate::presence::{PresenceMessage, PresenceOp, SessionAddr};
-use crate::relay::{Relay, RelayMessage, RelayStats};
+use crate::relay::{Relay, RelayArgs, RelayMessage, RelayStats};
 use crate::request;
 use crate::store::Store;
 
@@ -76,7 +76,8 @@ impl Router {
     /// Starts the node's relay and host and returns the router.
     pub async fn start(node: &str, store: Store, config: ActorConfig) -> Result<Router, String> {
         config.validate()?;
-        let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, ())
+        let tick = (config.tuning.presence_ttl / 3).max(std::time::Duration::from_millis(100));
+        let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, RelayArgs { tick })
             .await
             .map_err(|e| format!("starting relay: {e}"))?;
         let registries = Arc::new(Registries::default());

@@ -46,8 +46,9 @@ pub enum SessionMessage {
         /// Where the answer goes.
         reply: ReplyTo,
     },
-    /// Timer (a third of the presence TTL): while the client is active,
-    /// refresh its presence and its presence subscriptions.
+    /// Timer (a third of the presence TTL, sent by the relay to every
+    /// session): refresh the user's presence while the client is active,
+    /// and the session's presence subscriptions.
     PresenceTick,
 }
 
@@ -92,7 +93,7 @@ impl Actor for Session {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         args: SessionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let id = args.router.next_session_id();
@@ -105,6 +106,7 @@ impl Actor for Session {
             user: args.user.clone(),
             session: id,
             handle: args.handle.clone(),
+            actor: myself.clone(),
         })?;
         let uid = args.user.to_string();
         let groups = args
@@ -144,17 +146,6 @@ impl Actor for Session {
             last_active: Instant::now(),
             subscriptions: HashSet::new(),
         })
-    }
-
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        let period = (state.router.config().tuning.presence_ttl / 3)
-            .max(std::time::Duration::from_millis(100));
-        myself.send_interval(period, || SessionMessage::PresenceTick);
-        Ok(())
     }
 
     async fn post_stop(

@@ -11,7 +11,7 @@ fn group(s: &str) -> GroupId {
 
 fn session(state: &mut RelayState, u: &str, id: u64) -> OutboundQueue {
     let (h, q) = SessionHandle::channel(16);
-    state.sessions.insert(SessionId(id), h.clone());
+    state.sessions.insert(SessionId(id), (h.clone(), None));
     state
         .users
         .entry(user(u))
