@@ -36,9 +36,12 @@ use crate::router::Router;
 /// Most pushes in one delivery envelope.
 pub const MAX_PUSHES_PER_ENVELOPE: usize = 64;
 
+/// Prefix of the `pg` groups holding the nodes' ports.
+pub const PORT_GROUP_PREFIX: &str = "chat.port.";
+
 /// The `pg` group holding a node's port.
 pub fn port_group(node: &str) -> String {
-    format!("chat.port.{node}")
+    format!("{PORT_GROUP_PREFIX}{node}")
 }
 
 /// An encoded [`v1::Envelope`] as it crosses the wire. Cast-only.

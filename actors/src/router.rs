@@ -19,7 +19,9 @@ use ractor::{Actor, ActorRef, MessagingErr, call_t};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::cluster::{PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame};
+use crate::cluster::{
+    PORT_GROUP_PREFIX, PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame,
+};
 use crate::committer::Committer;
 use crate::config::ActorConfig;
 use crate::error::{ChatError, ChatResult};
@@ -152,6 +154,18 @@ impl Router {
     /// The live peers.
     pub fn peers(&self) -> Arc<Vec<String>> {
         self.view().peers
+    }
+
+    /// Every node whose port is reachable now (its link is up), live in our
+    /// view or not yet. Deliveries go to all of them: a node may already
+    /// send us requests (it counts us live) before we count it live, and
+    /// its members must not miss the pushes of what we commit meanwhile.
+    pub fn connected_peers(&self) -> Vec<String> {
+        ractor::pg::which_groups()
+            .into_iter()
+            .filter_map(|g| g.strip_prefix(PORT_GROUP_PREFIX).map(str::to_string))
+            .filter(|n| *n != self.inner.node)
+            .collect()
     }
 
     /// The node that owns `key` (a group or user id) in the current view.
@@ -592,7 +606,7 @@ impl Router {
     /// Sends a message to the relay of every live node: one envelope (or a
     /// few, for large batches) per peer, whatever the number of members.
     pub fn broadcast(&self, msg: RelayMessage) {
-        let peers = self.peers();
+        let peers = self.connected_peers();
         if !peers.is_empty() {
             let envs = relay_envelopes(&msg);
             for peer in peers.iter() {

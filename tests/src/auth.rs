@@ -1,6 +1,8 @@
 //! JWT minting for tests: the same tokens `chat-node token` prints (HS256,
 //! claims `{sub, exp}`), signed with the secret the harness wrote into the
-//! node's config, plus the broken ones the 401 tests need.
+//! node's config, plus the broken ones the 401 tests need, and operator
+//! tokens for the `/admin/...` endpoints (`chat-node token x --admin`:
+//! claims `{sub: "operator", exp, adm: true}`).
 //!
 //! Minting in-process is faster than spawning `chat-node token` per client.
 
@@ -30,6 +32,27 @@ pub fn token_with_exp(secret: &str, user: &str, exp: u64) -> String {
     encode(
         &Header::default(),
         &Claims { sub: user, exp },
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 encoding of a small claim set cannot fail")
+}
+
+#[derive(Serialize)]
+struct OperatorClaims<'a> {
+    sub: &'a str,
+    exp: u64,
+    adm: bool,
+}
+
+/// An operator token (for `/admin/...`), good for [`TOKEN_TTL_SECS`].
+pub fn operator_token(secret: &str) -> String {
+    encode(
+        &Header::default(),
+        &OperatorClaims {
+            sub: "operator",
+            exp: now_secs() + TOKEN_TTL_SECS,
+            adm: true,
+        },
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .expect("HS256 encoding of a small claim set cannot fail")

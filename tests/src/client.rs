@@ -76,6 +76,9 @@ pub struct ClientOptions {
     pub recv_buffer: Option<u32>,
     /// A token to use instead of a freshly minted valid one.
     pub token: Option<String>,
+    /// How long the TCP connect plus the upgrade may take (a frozen node
+    /// accepts TCP connections but never answers the upgrade).
+    pub connect_timeout: Duration,
 }
 
 impl ClientOptions {
@@ -90,6 +93,7 @@ impl ClientOptions {
             }),
             recv_buffer: None,
             token: None,
+            connect_timeout: REQUEST_TIMEOUT,
         }
     }
 }
@@ -232,28 +236,59 @@ impl Client {
     /// Connects as `user` with explicit options.
     pub async fn connect_with(node: &NodeProcess, user: &str, opts: ClientOptions) -> Result<Self> {
         let token = opts.token.clone().unwrap_or_else(|| node.token(user));
+        Self::connect_addr(node.addr(), user, &token, opts).await
+    }
+
+    /// Connects as `user` with `token` to the node listening on `addr`
+    /// (`opts.token` is ignored). Used where no [`NodeProcess`] is at hand,
+    /// e.g. a task that reconnects to another node of a cluster.
+    pub async fn connect_addr(
+        addr: SocketAddr,
+        user: &str,
+        token: &str,
+        opts: ClientOptions,
+    ) -> Result<Self> {
+        tokio::time::timeout(
+            opts.connect_timeout,
+            Self::connect_addr_inner(addr, user, token, opts.clone()),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "connect as {user} to {addr}: no upgrade within {:?}",
+                opts.connect_timeout
+            )
+        })?
+    }
+
+    async fn connect_addr_inner(
+        addr: SocketAddr,
+        user: &str,
+        token: &str,
+        opts: ClientOptions,
+    ) -> Result<Self> {
         let mut query: Vec<(&str, &str)> = Vec::new();
         if opts.auth == AuthVia::Query {
-            query.push(("token", &token));
+            query.push(("token", token));
         }
         if let Some(enc) = opts.encoding_param {
             query.push(("encoding", enc));
         }
-        let mut req = ws_url(node.addr(), &query).into_client_request()?;
+        let mut req = ws_url(addr, &query).into_client_request()?;
         if opts.auth == AuthVia::Header {
             req.headers_mut().insert(
                 "authorization",
                 HeaderValue::from_str(&format!("Bearer {token}"))?,
             );
         }
-        let stream = tcp_connect(node.addr(), opts.recv_buffer).await?;
+        let stream = tcp_connect(addr, opts.recv_buffer).await?;
         let (ws, _resp) = tokio::time::timeout(
             REQUEST_TIMEOUT,
             tokio_tungstenite::client_async(req, stream),
         )
         .await
         .context("WebSocket upgrade timed out")?
-        .with_context(|| format!("WebSocket upgrade as {user} to {}", node.addr()))?;
+        .with_context(|| format!("WebSocket upgrade as {user} to {addr}"))?;
         Ok(Self {
             user: user.to_string(),
             mode: opts.mode,
@@ -597,6 +632,15 @@ impl Client {
             "{}: drained {MAX_DRAIN_FRAMES} frames and still open",
             self.user
         )
+    }
+
+    /// Drops the pushes (frames with id 0) waiting in the inbox; returns
+    /// how many were dropped. Long-running senders call it so the inbox
+    /// does not grow with the pushes of their own group.
+    pub fn discard_pushes(&mut self) -> usize {
+        let before = self.inbox.len();
+        self.inbox.retain(|f| f.id != 0);
+        before - self.inbox.len()
     }
 
     /// Frames read but not consumed yet.

@@ -1,6 +1,7 @@
 //! A tiny HTTP/1.1 client for the node's plain HTTP endpoints (`/healthz`,
-//! `/metrics`): one GET per connection with `Connection: close`, read to EOF,
-//! under a timeout. Enough for tests; no dependency on an HTTP crate.
+//! `/metrics`, the operator's `/admin/...`): one request per connection with
+//! `Connection: close`, read to EOF, under a timeout. Enough for tests; no
+//! dependency on an HTTP crate.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,17 +26,46 @@ pub struct HttpResponse {
 
 /// GETs `path` from `addr` (127.0.0.1 only) within `timeout`.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
-    tokio::time::timeout(timeout, get_inner(addr, path))
-        .await
-        .with_context(|| format!("GET {path} timed out after {timeout:?}"))?
+    request(addr, "GET", path, &[], b"", timeout).await
 }
 
-async fn get_inner(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
+/// Sends `method path` with extra `headers` and `body` (a `Content-Length`
+/// is added) to `addr` (127.0.0.1 only) and reads the response, within
+/// `timeout`.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<HttpResponse> {
+    tokio::time::timeout(timeout, request_inner(addr, method, path, headers, body))
+        .await
+        .with_context(|| format!("{method} {path} on {addr} timed out after {timeout:?}"))?
+}
+
+async fn request_inner(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
     let mut stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect {addr}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method != "GET" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).await?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 8192];
     loop {
@@ -45,10 +75,10 @@ async fn get_inner(addr: SocketAddr, path: &str) -> Result<HttpResponse> {
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > MAX_RESPONSE_BYTES {
-            bail!("response to GET {path} larger than {MAX_RESPONSE_BYTES} bytes");
+            bail!("response to {method} {path} larger than {MAX_RESPONSE_BYTES} bytes");
         }
     }
-    parse(&buf).with_context(|| format!("parse response to GET {path}"))
+    parse(&buf).with_context(|| format!("parse response to {method} {path}"))
 }
 
 fn parse(buf: &[u8]) -> Result<HttpResponse> {
@@ -105,6 +135,31 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>> {
         raw = raw.get(size + 2..).unwrap_or(&[]);
     }
     Ok(out)
+}
+
+/// The value of the Prometheus sample `name` in the exposition `text`,
+/// summed over its label sets; `None` when no sample has that name.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    metric_value_with(text, name, "")
+}
+
+/// Like [`metric_value`], counting only the series whose labels contain
+/// `label` (e.g. `code="INTERNAL"`).
+pub fn metric_value_with(text: &str, name: &str, label: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let series_name = series.split('{').next().unwrap_or("").trim();
+        if series_name != name || !series.contains(label) {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            sum = Some(sum.unwrap_or(0.0) + v);
+        }
+    }
+    sum
 }
 
 #[cfg(test)]

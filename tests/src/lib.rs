@@ -7,7 +7,8 @@
 //! frames).
 //!
 //! Who talks to it: the end-to-end tests in `tests/tests/*.rs`. Each test
-//! starts its own node, so tests run in parallel without sharing state.
+//! starts its own node (or its own cluster of nodes with their own store),
+//! so tests run in parallel without sharing state.
 //!
 //! What it must not do: reach any address but 127.0.0.1, wait without a
 //! timeout, or loop without a bound. It knows the server only through its
@@ -23,19 +24,33 @@
 //!   on drop) and [`NodeConfig`] (the TOML config the harness writes).
 //! - [`client`]: [`Client`], a WebSocket client with request/reply matching,
 //!   a push buffer and typed helpers (`create_group`, `send`, `history`, ...).
-//! - [`auth`]: JWT minting (valid, expired, badly signed).
-//! - [`http`]: a tiny HTTP/1.1 GET for `/healthz` and `/metrics`.
+//! - [`auth`]: JWT minting (valid, expired, badly signed; operator tokens).
+//! - [`http`]: a tiny HTTP/1.1 client for `/healthz`, `/metrics` and the
+//!   operator's `/admin/...` endpoints; Prometheus sample lookup.
 //! - [`check`]: assertions shared by tests (dense seqs, system messages).
+//! - [`cluster`]: [`Cluster`], several nodes sharing one store and joined
+//!   with ractor_cluster (start and wait until all see all live, add a node,
+//!   drain, kill -9, SIGSTOP/SIGCONT, admin status/owner/system, metrics).
+//! - [`failover`]: senders that retry with the same clientMsgId and
+//!   receivers that reconnect and catch up while nodes come and go, and the
+//!   final checks of a group's log against what they saw.
+//! - [`placement`]: a copy of the server's rendezvous placement, to pick
+//!   groups that will move when a node joins (always checked against the
+//!   server's `/admin/owner`).
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod check;
 pub mod client;
+pub mod cluster;
+pub mod failover;
 pub mod http;
 pub mod node;
+pub mod placement;
 
 pub use client::{Client, ClientOptions, Mode, ServerError};
-pub use node::{NodeConfig, NodeProcess};
+pub use cluster::{Cluster, ClusterOptions, Seeds};
+pub use node::{ClusterConfig, NodeConfig, NodeProcess};
 pub use proto::v1;
 
 use std::time::Duration;

@@ -8,7 +8,8 @@
 //! Lifecycle: [`NodeProcess::start`] writes the config, spawns the binary and
 //! polls `GET /healthz` until it answers 200 `ok` (or fails with the log
 //! tail). [`NodeProcess::kill9`] is SIGKILL (a crash); [`NodeProcess::sigterm`]
-//! asks for a graceful shutdown; [`NodeProcess::restart`] starts the binary
+//! asks for a graceful shutdown; [`NodeProcess::sigstop`] /
+//! [`NodeProcess::sigcont`] freeze and resume it; [`NodeProcess::restart`] starts the binary
 //! again on the same data dir (and the same port when it is still free).
 //! `Drop` sends SIGTERM, waits up to [`SHUTDOWN_DEADLINE`] and then SIGKILLs;
 //! when the test is panicking it prints the log tail and keeps the temp dir.
@@ -58,6 +59,49 @@ pub struct NodeConfig {
     pub max_members: u64,
     /// `[limits] max_connections`.
     pub max_connections: u64,
+    /// `[storage] path`: the store file (absolute: several nodes share it);
+    /// `None` keeps the default (`chat.db` in the data dir).
+    pub storage_path: Option<PathBuf>,
+    /// `[cluster]`; `None` runs the node alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section of a node's config (see
+/// `cluster-config/local-3node/node1.toml`).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// `listen`: the inter-node (ractor_cluster) address.
+    pub listen: SocketAddr,
+    /// `cookie`: the cluster's shared secret (at least 8 bytes).
+    pub cookie: String,
+    /// `seeds`: cluster addresses of nodes to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// `ping_interval_ms`.
+    pub ping_interval_ms: u64,
+    /// `failure_timeout_ms`.
+    pub failure_timeout_ms: u64,
+    /// `reconnect_interval_ms` (`None`: the node's default).
+    pub reconnect_interval_ms: Option<u64>,
+}
+
+impl ClusterConfig {
+    /// The TOML text of this section.
+    fn to_toml(&self) -> String {
+        let seeds: Vec<String> = self.seeds.iter().map(|a| format!("\"{a}\"")).collect();
+        let mut t = format!(
+            "\n[cluster]\nlisten = \"{listen}\"\ncookie = {cookie:?}\nseeds = [{seeds}]\n\
+             ping_interval_ms = {ping}\nfailure_timeout_ms = {failure}\n",
+            listen = self.listen,
+            cookie = self.cookie,
+            seeds = seeds.join(", "),
+            ping = self.ping_interval_ms,
+            failure = self.failure_timeout_ms,
+        );
+        if let Some(r) = self.reconnect_interval_ms {
+            t.push_str(&format!("reconnect_interval_ms = {r}\n"));
+        }
+        t
+    }
 }
 
 impl Default for NodeConfig {
@@ -75,6 +119,8 @@ impl Default for NodeConfig {
             outbound_queue: 4096,
             max_members: 1000,
             max_connections: 1000,
+            storage_path: None,
+            cluster: None,
         }
     }
 }
@@ -83,6 +129,15 @@ impl NodeConfig {
     /// The TOML text of this config for a node listening on `listen` with its
     /// data in `data_dir`.
     pub fn to_toml(&self, listen: SocketAddr, data_dir: &Path) -> String {
+        let storage_path = match &self.storage_path {
+            Some(p) => format!("path = {:?}\n", p.display().to_string()),
+            None => String::new(),
+        };
+        let cluster = self
+            .cluster
+            .as_ref()
+            .map(ClusterConfig::to_toml)
+            .unwrap_or_default();
         format!(
             r#"# Written by the tests harness (tests/src/node.rs).
 [node]
@@ -96,7 +151,7 @@ jwt_secret = {secret:?}
 [storage]
 engine = "embedded"
 sync = {sync:?}
-
+{storage_path}
 [limits]
 max_frame_bytes = {max_frame_bytes}
 max_text_bytes = {max_text_bytes}
@@ -105,7 +160,7 @@ rate_burst = {rate_burst}
 outbound_queue = {outbound_queue}
 max_members = {max_members}
 max_connections = {max_connections}
-"#,
+{cluster}"#,
             name = self.name,
             data_dir = data_dir.display().to_string(),
             secret = self.jwt_secret,
@@ -191,6 +246,8 @@ pub struct NodeProcess {
     bin: PathBuf,
     /// How many times the binary was started (log markers).
     starts: u32,
+    /// Set between [`NodeProcess::sigstop`] and [`NodeProcess::sigcont`].
+    stopped: bool,
 }
 
 impl NodeProcess {
@@ -215,6 +272,7 @@ impl NodeProcess {
             child: None,
             bin,
             starts: 0,
+            stopped: false,
         };
         node.start_on_some_port(false).await?;
         Ok(node)
@@ -409,7 +467,47 @@ impl NodeProcess {
             c.kill().ok();
             c.wait().context("wait for killed node")?;
         }
+        self.stopped = false;
         Ok(())
+    }
+
+    /// SIGSTOP: the process is frozen (its sockets stay open) until
+    /// [`NodeProcess::sigcont`]; `Drop` resumes it before stopping it.
+    pub fn sigstop(&mut self) -> Result<()> {
+        let pid = self.pid().context("node not running")?;
+        signal(pid, "STOP")?;
+        self.stopped = true;
+        // The signal is delivered asynchronously: wait until every thread
+        // is stopped, so what the caller observes next (e.g. the locks the
+        // process holds) cannot change any more.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !all_threads_stopped(pid) {
+            if Instant::now() >= deadline {
+                bail!("node {pid} not stopped 2 s after SIGSTOP");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// SIGCONT: resumes a process frozen by [`NodeProcess::sigstop`].
+    pub fn sigcont(&mut self) -> Result<()> {
+        let pid = self.pid().context("node not running")?;
+        signal(pid, "CONT")?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Whether the process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.try_wait(), Ok(None)) && self.child.is_some()
+    }
+
+    /// The whole log of the node (every start), as text.
+    pub fn log_text(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .unwrap_or_default()
     }
 
     /// Sends SIGTERM (graceful shutdown); does not wait.
@@ -453,6 +551,11 @@ impl NodeProcess {
     /// Returns the exit status when the process exited by itself.
     fn stop_blocking(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
+        if self.stopped {
+            // A frozen process handles no SIGTERM.
+            let _ = signal(child.id(), "CONT");
+            self.stopped = false;
+        }
         if let Ok(Some(status)) = child.try_wait() {
             return Some(status);
         }
@@ -472,6 +575,21 @@ impl NodeProcess {
         let _ = child.wait();
         None
     }
+}
+
+/// Whether every thread of `pid` is stopped (state `T` or `t` in
+/// `/proc/PID/task/TID/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // "TID (comm) STATE ...": the state follows the last ')'.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    })
 }
 
 /// Sends `kill -SIG pid` (no libc dependency needed).
@@ -505,7 +623,8 @@ impl Drop for NodeProcess {
         // Printed always: the test harness shows it only for failed tests
         // (a test that returns `Err` is not panicking while its node drops).
         eprintln!(
-            "---- node {} log tail ({}; CHAT_TEST_KEEP_DIRS=1 keeps it) ----\n{}\n---- end of node log ----",
+            "---- node {} {} log tail ({}; CHAT_TEST_KEEP_DIRS=1 keeps it) ----\n{}\n---- end of node log ----",
+            self.config.name,
             self.addr,
             self.log_path.display(),
             self.log_tail(LOG_TAIL_LINES)

@@ -27,3 +27,20 @@ fn rejects_garbage() {
     assert!(parse(b"HTTP/1.1 abc\r\n\r\n").is_err());
     assert!(parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nff\r\nshort").is_err());
 }
+
+#[test]
+fn reads_metric_values() {
+    let text = "# HELP chat_x_total X.\n# TYPE chat_x_total counter\nchat_x_total 12\n\
+                chat_x_total_other 7\nchat_errors_total{code=\"A\"} 2\nchat_errors_total{code=\"B\"} 3\n";
+    assert_eq!(metric_value(text, "chat_x_total"), Some(12.0));
+    assert_eq!(metric_value(text, "chat_errors_total"), Some(5.0));
+    assert_eq!(metric_value(text, "chat_missing"), None);
+    assert_eq!(
+        metric_value_with(text, "chat_errors_total", "code=\"B\""),
+        Some(3.0)
+    );
+    assert_eq!(
+        metric_value_with(text, "chat_errors_total", "code=\"C\""),
+        None
+    );
+}

@@ -73,3 +73,49 @@ fn free_addr_is_loopback() {
     assert!(a.ip().is_loopback());
     assert_ne!(a.port(), 0);
 }
+
+#[test]
+fn cluster_config_uses_only_keys_of_the_shipped_cluster_configs() {
+    let mut want = BTreeSet::new();
+    for f in ["single.toml", "local-3node/node1.toml"] {
+        let path = workspace_root().join("cluster-config").join(f);
+        let text = std::fs::read_to_string(&path).expect("read shipped config");
+        keys(&toml::from_str(&text).expect("parses"), "", &mut want);
+    }
+    // The one optional key the shipped configs leave at its default.
+    want.insert("cluster.reconnect_interval_ms".to_string());
+    let cfg = NodeConfig {
+        storage_path: Some(PathBuf::from("/tmp/shared dir/chat.db")),
+        cluster: Some(ClusterConfig {
+            listen: "127.0.0.1:9101".parse().expect("addr"),
+            cookie: "a-cookie-of-16-bytes".to_string(),
+            seeds: vec!["127.0.0.1:9102".parse().expect("addr")],
+            ping_interval_ms: 250,
+            failure_timeout_ms: 1500,
+            reconnect_interval_ms: Some(500),
+        }),
+        ..NodeConfig::default()
+    };
+    let v: toml::Value =
+        toml::from_str(&cfg.to_toml("127.0.0.1:1".parse().expect("addr"), Path::new("/x")))
+            .expect("ours parses");
+    assert_eq!(
+        v["storage"]["path"].as_str(),
+        Some("/tmp/shared dir/chat.db")
+    );
+    assert_eq!(v["cluster"]["listen"].as_str(), Some("127.0.0.1:9101"));
+    assert_eq!(
+        v["cluster"]["seeds"].as_array().map(Vec::len),
+        Some(1),
+        "seeds: {:?}",
+        v["cluster"]["seeds"]
+    );
+    assert_eq!(v["cluster"]["failure_timeout_ms"].as_integer(), Some(1500));
+    let mut got = BTreeSet::new();
+    keys(&v, "", &mut got);
+    let unknown: Vec<_> = got.difference(&want).collect();
+    assert!(
+        unknown.is_empty(),
+        "harness writes keys no shipped config has: {unknown:?}"
+    );
+}
