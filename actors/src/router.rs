@@ -394,24 +394,12 @@ impl Router {
 
     /// Delivers `msg` to the group's actor on this node, starting it if needed.
     pub async fn to_group(&self, group: &GroupId, msg: GroupMessage) -> ChatResult<()> {
-        let mut msg = msg;
-        // Two tries: an actor may stop between the lookup and the cast; then
-        // the host has (or will have) dropped it and starts a fresh one.
-        let mut stale = None;
-        for _ in 0..2 {
-            let actor = self.group_actor(group, stale.take()).await?;
-            match actor.cast(msg) {
-                Ok(()) => return Ok(()),
-                Err(MessagingErr::SendErr(back)) => {
-                    stale = Some(actor.get_id());
-                    msg = back;
-                }
-                Err(e) => return Err(ChatError::Internal(format!("routing: {e}"))),
-            }
-        }
-        Err(ChatError::Unavailable(format!(
-            "group {group} is restarting; retry"
-        )))
+        cast_with_restart(
+            msg,
+            |stale| self.group_actor(group, stale),
+            format!("group {group}"),
+        )
+        .await
     }
 
     async fn group_actor(
@@ -464,22 +452,12 @@ impl Router {
 
     /// Delivers `msg` to the user's presence actor on this node.
     async fn to_presence(&self, user: &UserId, msg: PresenceMessage) -> ChatResult<()> {
-        let mut msg = msg;
-        let mut stale = None;
-        for _ in 0..2 {
-            let actor = self.presence_actor(user, stale.take()).await?;
-            match actor.cast(msg) {
-                Ok(()) => return Ok(()),
-                Err(MessagingErr::SendErr(back)) => {
-                    stale = Some(actor.get_id());
-                    msg = back;
-                }
-                Err(e) => return Err(ChatError::Internal(format!("routing: {e}"))),
-            }
-        }
-        Err(ChatError::Unavailable(format!(
-            "presence of {user} is restarting"
-        )))
+        cast_with_restart(
+            msg,
+            |stale| self.presence_actor(user, stale),
+            format!("presence of {user}"),
+        )
+        .await
     }
 
     /// A session's presence operation on `user`, wherever the user's
@@ -654,6 +632,32 @@ impl Router {
         )
         .map_err(|e| ChatError::Unavailable(format!("stopping groups: {e}")))
     }
+}
+
+/// Casts `msg` to the actor `actor_for` returns. Two tries: an actor may
+/// stop between the lookup and the cast; the second lookup names it stale,
+/// so the host drops it and starts a fresh one.
+async fn cast_with_restart<M, F, Fut>(mut msg: M, mut actor_for: F, what: String) -> ChatResult<()>
+where
+    M: ractor::Message,
+    F: FnMut(Option<ractor::ActorId>) -> Fut,
+    Fut: std::future::Future<Output = ChatResult<ActorRef<M>>>,
+{
+    let mut stale = None;
+    for _ in 0..2 {
+        let actor = actor_for(stale.take()).await?;
+        match actor.cast(msg) {
+            Ok(()) => return Ok(()),
+            Err(MessagingErr::SendErr(back)) => {
+                stale = Some(actor.get_id());
+                msg = back;
+            }
+            Err(e) => return Err(ChatError::Internal(format!("routing: {e}"))),
+        }
+    }
+    Err(ChatError::Unavailable(format!(
+        "{what} is restarting; retry"
+    )))
 }
 
 impl RemoteReplier for Router {
