@@ -64,6 +64,9 @@ pub struct NodeConfig {
     pub storage_path: Option<PathBuf>,
     /// `[cluster]`; `None` runs the node alone.
     pub cluster: Option<ClusterConfig>,
+    /// `[tuning]` keys and values (milliseconds), e.g.
+    /// `("presence_ttl_ms", 1500)`; empty keeps the node's defaults.
+    pub tuning: Vec<(&'static str, u64)>,
 }
 
 /// The `[cluster]` section of a node's config (see
@@ -121,6 +124,7 @@ impl Default for NodeConfig {
             max_connections: 1000,
             storage_path: None,
             cluster: None,
+            tuning: Vec::new(),
         }
     }
 }
@@ -133,11 +137,17 @@ impl NodeConfig {
             Some(p) => format!("path = {:?}\n", p.display().to_string()),
             None => String::new(),
         };
-        let cluster = self
+        let mut cluster = self
             .cluster
             .as_ref()
             .map(ClusterConfig::to_toml)
             .unwrap_or_default();
+        if !self.tuning.is_empty() {
+            cluster.push_str("\n[tuning]\n");
+            for (k, v) in &self.tuning {
+                cluster.push_str(&format!("{k} = {v}\n"));
+            }
+        }
         format!(
             r#"# Written by the tests harness (tests/src/node.rs).
 [node]

@@ -2144,3 +2144,98 @@ async fn presence_receipts_and_typing_across_nodes() -> Result<()> {
     );
     Ok(())
 }
+
+/// A user whose presence `node` owns in `node`'s own view of the cluster
+/// (which may exclude nodes that died).
+async fn user_owned_in_view(cluster: &Cluster, name: &str, node: usize) -> Result<String> {
+    let want = tests::cluster::node_name(node);
+    for _ in 0..256 {
+        let u = user(name);
+        if cluster.owner(node, &u).await? == want {
+            return Ok(u);
+        }
+    }
+    bail!("no user id owned by {want} in 256 tries")
+}
+
+/// Waits until every pushed presence of `user` so far ends in `want` and the
+/// operator endpoint of node `via` agrees, within `within`.
+async fn settle_presence(
+    cluster: &Cluster,
+    watcher: &mut Client,
+    via: usize,
+    user: &str,
+    want: v1::PresenceStatus,
+    within: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(p) = next_presence(watcher, user, Duration::from_millis(200)).await? {
+            last = Some(status(&p));
+        }
+        let admin = admin_presence(cluster.node(via).addr(), cluster.secret(), user).await?;
+        if last == Some(want) && admin.status == want.as_str_name() {
+            return Ok(());
+        }
+    }
+    bail!("{user}: last push {last:?}, wanted {want:?} within {within:?}")
+}
+
+/// Presence through node crashes (TTL 1.5 s): when the node holding a user's
+/// presence dies, the sessions' refreshes rebuild it on the new owner and
+/// the watcher sees the user ONLINE again within the TTL; when the node
+/// holding a user's only session dies, the user goes OFFLINE within the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_survives_node_crashes() -> Result<()> {
+    use v1::PresenceStatus::{Offline, Online};
+    const TTL_MS: u64 = 1_500;
+    let within = Duration::from_millis(TTL_MS * 2 + 3_000);
+    let mut options = ClusterOptions::default();
+    options.node.tuning = vec![("presence_ttl_ms", TTL_MS)];
+    let mut cluster = Cluster::start(options).await?;
+    let w = user("watcher");
+    let mut watcher = cluster.connect(2, &w).await?;
+
+    // 1. The presence owner (node1) dies; the user's device is on node2.
+    let v = user_owned_by(&cluster, "owned-by-node1", 0).await?;
+    subscribe(&mut watcher, &[&v]).await?;
+    expect_presence(&mut watcher, &v, Offline, PUSH_WAIT, "initial").await?;
+    let mut device = cluster.connect(1, &v).await?;
+    device.sync().await?;
+    expect_presence(&mut watcher, &v, Online, PUSH_WAIT, "device on node2").await?;
+    cluster.kill9(0)?;
+    // The device stays active while the owner moves.
+    let beat = async {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            device.heartbeat().await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    let settle = settle_presence(&cluster, &mut watcher, 2, &v, Online, within);
+    let (beat, settled) = tokio::join!(beat, settle);
+    beat?;
+    settled.context("after the presence owner died")?;
+
+    // 2. The node of a user's only session (node2) dies; its presence lives
+    // on node3, which survives.
+    let u = user_owned_in_view(&cluster, "session-on-node2", 2).await?;
+    subscribe(&mut watcher, &[&u]).await?;
+    expect_presence(&mut watcher, &u, Offline, PUSH_WAIT, "initial").await?;
+    let mut only = cluster.connect(1, &u).await?;
+    only.sync().await?;
+    expect_presence(&mut watcher, &u, Online, PUSH_WAIT, "session on node2").await?;
+    let t_kill = Instant::now();
+    cluster.kill9(1)?;
+    expect_presence(&mut watcher, &u, Offline, within, "after its node died").await?;
+    ensure!(
+        t_kill.elapsed() <= within,
+        "OFFLINE only after {:?}",
+        t_kill.elapsed()
+    );
+    drop(only);
+    drop(device);
+    Ok(())
+}
