@@ -12,9 +12,11 @@
 //!   down and its session stopped (so `pg` forgets it), even if its TCP link
 //!   looks alive (a SIGSTOPped process).
 //! - **Pause detection**: if this node itself did not run for longer than the
-//!   failure timeout (it was stopped), peers have declared it down and taken
-//!   its groups: it drops its links, tells its clients to reconnect, retires
-//!   its group actors (storage epochs fence any late commit), then rejoins.
+//!   failure timeout (stopped, or starved of CPU), it does not blame its
+//!   peers for the silence; and if peers then drop their links to it, they
+//!   have declared it down and taken its groups: it drops its links, tells
+//!   its clients to reconnect, retires its actors (storage epochs fence any
+//!   late commit), then rejoins.
 //! - **The view**: owners = live, non-draining nodes (this one included
 //!   unless draining); peers = live nodes. Handed to [`Router::set_view`].
 //!
@@ -141,6 +143,9 @@ struct Manager {
     unauthenticated: HashSet<ractor::ActorId>,
     ping_seq: u64,
     last_tick: Instant,
+    /// Until when a dropped link counts as "peers declared us down" (set
+    /// when this node notices it did not run past the failure timeout).
+    suspect_pause_until: Option<Instant>,
     last_view: (Vec<String>, Vec<String>),
 }
 
@@ -187,6 +192,7 @@ pub async fn start(
         unauthenticated: HashSet::new(),
         ping_seq: 0,
         last_tick: Instant::now(),
+        suspect_pause_until: None,
         last_view: (Vec::new(), Vec::new()),
     };
     tokio::spawn(manager.run(link_rx, peer_rx, cmd_rx));
@@ -308,6 +314,16 @@ impl Manager {
                 if ours {
                     warn!(peer = %name, "cluster link closed");
                     self.peers.remove(&name);
+                    // A peer dropping us right after we stalled past the
+                    // failure timeout has declared us down and taken our
+                    // groups. (The tick may not have run yet after a resume:
+                    // a stale last tick is the same evidence.)
+                    let stalled = self.last_tick.elapsed() > self.failure_timeout()
+                        || self.suspect_pause_until.is_some_and(|t| Instant::now() < t);
+                    if stalled {
+                        self.suspect_pause_until = None;
+                        self.recover_from_pause();
+                    }
                     self.publish_view();
                 }
             }
@@ -407,8 +423,18 @@ impl Manager {
         let gap = now.duration_since(self.last_tick);
         self.last_tick = now;
         if gap > self.failure_timeout() {
-            self.recover_from_pause(gap);
-            return;
+            // We did not run for a while (paused, or starved of CPU). Peers'
+            // silence in that time is ours, not theirs: give them a fresh
+            // timeout. Whether they declared *us* down shows in the links
+            // they drop now (see `on_link`).
+            warn!(
+                stalled_ms = gap.as_millis() as u64,
+                "this node did not run past the failure timeout"
+            );
+            self.suspect_pause_until = Some(now + self.failure_timeout() * 2);
+            for p in self.peers.values_mut() {
+                p.last_seen = now;
+            }
         }
         // Declare silent peers down and cut their links.
         let timeout = self.failure_timeout();
@@ -449,11 +475,8 @@ impl Manager {
     /// This process did not run for `gap`: peers declared it down and took
     /// its groups. Drop every link, send clients away, retire the group
     /// actors, and rejoin from scratch.
-    fn recover_from_pause(&mut self, gap: Duration) {
-        warn!(
-            paused_ms = gap.as_millis() as u64,
-            "this node was paused past the failure timeout; rejoining"
-        );
+    fn recover_from_pause(&mut self) {
+        warn!("peers declared this node down while it was paused; rejoining");
         metrics::counter!("chat_cluster_pauses_total").increment(1);
         for (_, p) in self.peers.drain() {
             p.session.stop(Some("rejoining after a pause".into()));
