@@ -5,6 +5,10 @@
 #   scripts/bench.sh              # build release binaries, run everything
 #   QUICK=1 scripts/bench.sh      # smaller counts, shorter steps (smoke test)
 #   ONLY="1 4" scripts/bench.sh   # just scenarios 1 and 4
+#   ONLY=5 scripts/bench.sh       # the cluster part only (3 local nodes)
+#   BIG=1 ONLY=5 scripts/bench.sh # plus ~100k idle connections on 5 nodes
+#   ONLY=5big scripts/bench.sh    # just the ~100k idle connections
+#   ONLY=5hop scripts/bench.sh    # just the hop floor (2-member groups)
 #
 # Environment:
 #   SKIP_BUILD=1          use the binaries already built (or CHAT_NODE/CHAT_LOAD)
@@ -12,6 +16,18 @@
 #   PORT                  node port (default 18080); 127.0.0.1 only
 #   OUT                   where result JSON, node logs and table.md go
 #                         (default target/bench-results/<timestamp>)
+#   CPORT                 first cluster node's HTTP port (default 18181; node i
+#                         uses CPORT+i-1 and cluster port CPORT+1000+i-1)
+#   BIG=1                 scenario 5 also runs BIG_N idle connections over a
+#                         BIG_NODES-node cluster with BIG_PROCS load-generator
+#                         processes (defaults 99,500 / 5 / 7; ~70 s). A node
+#                         holds < 20,000 (its fd limit): 100,000 needs
+#                         BIG_NODES=6 BIG_N=100000
+#
+# Scenario 5 starts a local cluster of release chat-nodes (one config each
+# with a [cluster] section, all sharing one SQLite file), waits until every
+# node's /admin/status lists every node live, and runs scenarios 2 and 3 with
+# the connections spread round-robin over the nodes (chat-load --addr A,B,C).
 #
 # Each scenario gets a fresh node (new data dir, the bench config below:
 # high rate limits, large outbound queue), every run is bounded in count and
@@ -36,20 +52,21 @@ TMP=$(mktemp -d /tmp/chat-bench.XXXXXX)
 
 NODE_PID=
 LOAD_PID=
+CLUSTER_PIDS=()
 cleanup() {
     local p
-    for p in $LOAD_PID $NODE_PID; do
+    for p in $LOAD_PID $NODE_PID "${CLUSTER_PIDS[@]}"; do
         kill -TERM "$p" 2>/dev/null || true
     done
     for _ in $(seq 1 50); do
         local alive=
-        for p in $LOAD_PID $NODE_PID; do
+        for p in $LOAD_PID $NODE_PID "${CLUSTER_PIDS[@]}"; do
             kill -0 "$p" 2>/dev/null && alive=1
         done
         [[ -z $alive ]] && break
         sleep 0.1
     done
-    for p in $LOAD_PID $NODE_PID; do
+    for p in $LOAD_PID $NODE_PID "${CLUSTER_PIDS[@]}"; do
         kill -KILL "$p" 2>/dev/null || true
     done
     rm -rf "$TMP"
@@ -114,15 +131,124 @@ stop_node() {
     NODE_PID=
 }
 
-# load NAME ARGS...: run chat-load against the current node, bounded by
-# `timeout`, writing $OUT/NAME.json.
+CPORT=${CPORT:-18181}
+CLUSTER_ADDRS=
+# start_cluster NAME N [MAX_CONNECTIONS]: N fresh nodes on 127.0.0.1
+# (HTTP CPORT.., cluster CPORT+1000..), one config each, one shared store
+# file; returns once every node's /admin/status lists all N nodes live.
+start_cluster() {
+    local name=$1 n=$2 maxc=${3:-19500} i j
+    local dir=$TMP/$name
+    mkdir -p "$dir"
+    CLUSTER_PIDS=()
+    CLUSTER_ADDRS=
+    for i in $(seq 1 "$n"); do
+        local http=127.0.0.1:$((CPORT + i - 1))
+        local seeds=
+        for j in $(seq 1 "$n"); do
+            [[ $j == "$i" ]] && continue
+            seeds+="${seeds:+, }\"127.0.0.1:$((CPORT + 1000 + j - 1))\""
+        done
+        cat >"$dir/node$i.toml" <<EOF
+[node]
+name = "node$i"
+listen = "$http"
+data_dir = "$dir/node$i-data"
+
+[auth]
+jwt_secret = "bench-secret-0123456789abcdef"
+
+[storage]
+engine = "embedded"
+sync = "full"
+path = "$dir/shared.db"
+
+[cluster]
+listen = "127.0.0.1:$((CPORT + 1000 + i - 1))"
+cookie = "bench-cluster-cookie"
+seeds = [$seeds]
+ping_interval_ms = 250
+failure_timeout_ms = 3000
+
+[limits]
+rate_per_sec = 1000000
+rate_burst = 1000000
+outbound_queue = 65536
+max_in_flight = 4096
+max_users_per_request = 1000
+max_connections = $maxc
+
+[tuning]
+shutdown_deadline_ms = 2000
+EOF
+        RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$dir/node$i.toml" \
+            2>"$OUT/node-$name-$i.log" &
+        CLUSTER_PIDS+=($!)
+        CLUSTER_ADDRS+="${CLUSTER_ADDRS:+,}$http"
+    done
+    CFG=$dir/node1.toml
+    local token
+    token=$("$NODE" token bench-operator --admin --config "$CFG")
+    local t0=$SECONDS
+    while ((SECONDS - t0 < 60)); do
+        local ready=1
+        for i in $(seq 1 "$n"); do
+            kill -0 "${CLUSTER_PIDS[$((i - 1))]}" 2>/dev/null || {
+                tail -20 "$OUT/node-$name-$i.log" >&2
+                return 1
+            }
+            local live
+            live=$(curl -sf -H "Authorization: Bearer $token" \
+                "http://127.0.0.1:$((CPORT + i - 1))/admin/status" 2>/dev/null |
+                grep -o '"live": *true' | wc -l) || live=0
+            ((live == n)) || ready=
+        done
+        if [[ -n $ready ]]; then
+            log "$name: $n nodes live after $((SECONDS - t0)) s (pids ${CLUSTER_PIDS[*]})"
+            curl -sf -H "Authorization: Bearer $token" \
+                "http://127.0.0.1:$CPORT/admin/status" >"$OUT/status-$name.json" || true
+            return 0
+        fi
+        sleep 0.25
+    done
+    echo "cluster $name: not every node live after 60 s" >&2
+    return 1
+}
+
+stop_cluster() {
+    local p
+    for p in "${CLUSTER_PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    for _ in $(seq 1 100); do
+        local alive=
+        for p in "${CLUSTER_PIDS[@]}"; do
+            kill -0 "$p" 2>/dev/null && alive=1
+        done
+        [[ -z $alive ]] && break
+        sleep 0.1
+    done
+    for p in "${CLUSTER_PIDS[@]}"; do
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    CLUSTER_PIDS=()
+}
+
+# load NAME ARGS...: run chat-load against the current node (or cluster,
+# when CLUSTER_PIDS is set), bounded by `timeout`, writing $OUT/NAME.json.
 load() {
     local name=$1
     shift
     local limit=${LIMIT:-240}
-    log "$name: chat-load $*"
-    timeout --kill-after=10 "$limit" "$LOAD" --addr "$ADDR" --config "$CFG" \
-        --node-pid "$NODE_PID" --json "$OUT/$name.json" "$@" &
+    local addr=$ADDR pids=$NODE_PID
+    if ((${#CLUSTER_PIDS[@]} > 0)); then
+        addr=$CLUSTER_ADDRS
+        pids=$(IFS=,; echo "${CLUSTER_PIDS[*]}")
+    fi
+    log "$name: chat-load --addr $addr $*"
+    timeout --kill-after=10 "$limit" "$LOAD" --addr "$addr" --config "$CFG" \
+        --node-pid "$pids" --json "$OUT/$name.json" "$@" &
     LOAD_PID=$!
     if ! wait "$LOAD_PID"; then
         echo "   $name failed (see above); continuing" >&2
@@ -212,11 +338,71 @@ if want 4; then
     done
 fi
 
-TODO=()
+if want 5 || want 5hop; then
+    # The hop at the floor: 300 groups of 2 members, the two members on
+    # different nodes (round-robin), 50 and 200 msg/s; once on one node,
+    # once on 3 nodes, back to back.
+    hop_secs=5
+    [[ -n $QUICK ]] && hop_secs=2
+    start_node hop1 full
+    load hop-1node groups --users 600 --min 2 --max 2 --rates 50,200 \
+        --step-secs "$hop_secs" --prefix h
+    stop_node
+    add hop-1node
+    start_cluster c3hop 3
+    load hop-3node groups --users 600 --min 2 --max 2 --rates 50,200 \
+        --step-secs "$hop_secs" --prefix h
+    stop_cluster
+    add hop-3node
+fi
 if want 5; then
-    TODO=(--todo "5. cluster|3 nodes on one machine|not measured: the cluster is not built yet")
+    # Scenarios 2 and 3 over 3 nodes, members and senders spread
+    # round-robin over the nodes (the same parameters as above, so the rows
+    # compare with the single-node ones).
+    if [[ -n $QUICK ]]; then
+        start_cluster c3fan 3
+        load cluster3-fanout-1k fanout --members 1000 --senders 4 --rates 100,400 \
+            --step-secs 2 --p99-ms 20
+        stop_cluster
+        add cluster3-fanout-1k
+        start_cluster c3groups 3
+        load cluster3-groups groups --users 2000 --rates 200,400 --step-secs 2
+        stop_cluster
+        add cluster3-groups
+    else
+        start_cluster c3fan1k 3
+        load cluster3-fanout-1k fanout --members 1000 --senders 4 \
+            --rates 20,100,200,400,600,800 --step-secs 5 --p99-ms 20
+        stop_cluster
+        add cluster3-fanout-1k
+        start_cluster c3fan10k 3
+        load cluster3-fanout-10k fanout --members 10000 --senders 4 \
+            --rates 2,10,20,40,60,80 --step-secs 5 --p99-ms 100 \
+            --target-deliveries 500000
+        stop_cluster
+        add cluster3-fanout-10k
+        start_cluster c3groups 3
+        LIMIT=300 load cluster3-groups groups --users 18000 \
+            --rates 500,1000,2000,4000,8000 --step-secs 5
+        stop_cluster
+        add cluster3-groups
+    fi
+fi
+if [[ -n ${BIG:-} ]] || want 5big; then
+    # Idle connections over BIG_NODES nodes from BIG_PROCS load-generator
+    # processes, sources 127.0.0.2-127.0.0.20. Every process (node or
+    # load generator) has a hard limit of 20,000 fds, so a node holds at
+    # most ~19,900 sessions: 5 nodes top out just under 100,000.
+    big_nodes=${BIG_NODES:-5}
+    big_n=${BIG_N:-99500}
+    big_procs=${BIG_PROCS:-7}
+    start_cluster "c${big_nodes}conn" "$big_nodes" 19950
+    LIMIT=400 load "cluster${big_nodes}-conn" --sources 19 --parallel 128 \
+        connections --count "$big_n" --procs "$big_procs" --hold-secs 10
+    stop_cluster
+    add "cluster${big_nodes}-conn"
 fi
 
 log "done in $(($(date +%s) - T0)) s"
 echo
-"$LOAD" report "${FILES[@]}" "${TODO[@]}" | tee "$OUT/table.md"
+"$LOAD" report "${FILES[@]}" | tee "$OUT/table.md"

@@ -127,33 +127,34 @@ impl PresenceState {
             .deliver_to_sessions(to, SharedPush::new(self.frame()));
     }
 
-    fn changed(&mut self, was_online: bool) {
+    /// Reacts to a possible change of status: records last-seen (awaited,
+    /// so a stopping node does not drop it) and tells the subscribers.
+    async fn changed(&mut self, was_online: bool) {
         if was_online == self.online() {
             return;
         }
         if !self.online() {
             self.last_seen_ms = now_ms();
             let (user, ms) = (self.user.to_string(), self.last_seen_ms);
-            let store = self.router.store().clone();
-            tokio::spawn(async move {
-                if let Err(e) = store
-                    .write(move |t, m| Ok(m.set_last_seen(t, &user, ms)?))
-                    .await
-                {
-                    warn!(error = %e, "writing last-seen failed");
-                }
-            });
+            let written = self
+                .router
+                .store()
+                .write(move |t, m| Ok(m.set_last_seen(t, &user, ms)?))
+                .await;
+            if let Err(e) = written {
+                warn!(user = %self.user, error = %e, "writing last-seen failed");
+            }
         }
         debug!(user = %self.user, online = self.online(), "presence changed");
         self.push(self.subscribers.keys().cloned().collect());
     }
 
-    fn expire(&mut self) {
+    async fn expire(&mut self) {
         let ttl = self.router.config().tuning.presence_ttl;
         let was = self.online();
         self.sessions.retain(|_, t| t.elapsed() < ttl);
         self.subscribers.retain(|_, t| t.elapsed() < ttl);
-        self.changed(was);
+        self.changed(was).await;
     }
 }
 
@@ -218,11 +219,11 @@ impl Actor for Presence {
                         state.subscribers.remove(&session);
                     }
                 }
-                state.changed(was);
+                state.changed(was).await;
             }
             PresenceMessage::Query(reply) => reply.send(Ok(state.frame())),
             PresenceMessage::Tick => {
-                state.expire();
+                state.expire().await;
                 if !state.retiring && state.sessions.is_empty() && state.subscribers.is_empty() {
                     state.retiring = true;
                     state.router.retire_presence(&state.user, &myself);

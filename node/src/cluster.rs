@@ -301,7 +301,7 @@ impl Manager {
                 if self.unauthenticated.remove(&ses.actor.get_id()) {
                     warn!(
                         peer_addr = %ses.peer_addr,
-                        "cluster peer refused: authentication failed (wrong cookie?) or link lost during handshake"
+                        "cluster peer refused: link closed before authentication (a wrong cookie, a duplicate of a simultaneous dial, or a peer that stalled mid-handshake)"
                     );
                     metrics::counter!("chat_cluster_refused_total").increment(1);
                     return;

@@ -18,7 +18,23 @@ use serde_json::json;
 
 use crate::net::{Target, connect_many};
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_most};
-use crate::stats::{CLK_TCK, CpuMeter, Recorder, cpu_ticks, http_get, metric, rss_kib};
+use crate::stats::{
+    CLK_TCK, NodesCpu, Recorder, cpu_ticks, http_get, metric, rss_kib, rss_sum_kib,
+};
+
+/// `chat_connections` of every node of the target (`None` where the scrape
+/// failed).
+fn node_connections(target: &Target) -> Vec<Option<f64>> {
+    target
+        .addrs
+        .iter()
+        .map(|&a| {
+            http_get(a, "/metrics")
+                .ok()
+                .and_then(|m| metric(&m, "chat_connections"))
+        })
+        .collect()
+}
 
 /// What a child reports once connected.
 #[derive(Debug, Serialize, Deserialize)]
@@ -92,13 +108,13 @@ pub struct Params {
 /// Runs scenario 1; `args` are the global arguments to pass to children.
 pub fn run(
     target: &Target,
-    node_pid: Option<u32>,
+    node_pids: &[u32],
     p: &Params,
     child_args: &[String],
 ) -> Result<ResultFile> {
     let procs = p.procs.max(1);
-    let rss_before = node_pid.and_then(|pid| rss_kib(Some(pid)));
-    let node_cpu = CpuMeter::start(node_pid);
+    let rss_before = rss_sum_kib(node_pids);
+    let node_cpu = NodesCpu::start(node_pids);
     let t0 = Instant::now();
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
@@ -131,10 +147,10 @@ pub fn run(
     let all_open = t0.elapsed().as_secs_f64();
     // Let the node settle (session actors, relay registration), then measure.
     std::thread::sleep(Duration::from_secs(2));
-    let rss_after = node_pid.and_then(|pid| rss_kib(Some(pid)));
-    let node_conns = http_get(target.addr, "/metrics")
-        .ok()
-        .and_then(|m| metric(&m, "chat_connections"));
+    let rss_after = rss_sum_kib(node_pids);
+    let each_rss: Vec<Option<u64>> = node_pids.iter().map(|&p| rss_kib(Some(p))).collect();
+    let each_conns = node_connections(target);
+    let node_conns = each_conns.iter().copied().sum::<Option<f64>>();
     let node_cpu_pct = node_cpu.percent();
     let connected: usize = reports.iter().map(|r| r.connected).sum();
     let failed: usize = reports.iter().map(|r| r.failed).sum();
@@ -151,9 +167,8 @@ pub fn run(
     let gen_per_conn_kb = gen_rss as f64 * 1024.0 / connected.max(1) as f64 / 1000.0;
     std::thread::sleep(Duration::from_secs(p.hold_secs));
     // Still all there after the hold?
-    let node_conns_after_hold = http_get(target.addr, "/metrics")
-        .ok()
-        .and_then(|m| metric(&m, "chat_connections"));
+    let each_conns_after_hold = node_connections(target);
+    let node_conns_after_hold = each_conns_after_hold.iter().copied().sum::<Option<f64>>();
     for mut c in children {
         drop(c.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -181,12 +196,13 @@ pub fn run(
         result.push_str(&format!("; node reports {n:.0} conns"));
     }
     let row = Row {
-        scenario: "1. idle connections".into(),
+        scenario: target.scenario("1. idle connections"),
         params: format!(
-            "N={} over {procs} load-gen proc(s), {} source addrs, hold {} s",
+            "N={} over {procs} load-gen proc(s), {} source addrs, hold {} s{}",
             thousands(p.count as u64),
             target.sources.len(),
-            p.hold_secs
+            p.hold_secs,
+            target.spread()
         ),
         result,
         latency_ms: "-".into(),
@@ -214,6 +230,10 @@ pub fn run(
             "node_rss_before_kib": rss_before,
             "node_rss_after_kib": rss_after,
             "node_bytes_per_conn": per_conn_kb.map(|k| k * 1000.0),
+            "nodes": target.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "node_rss_after_kib_each": each_rss,
+            "node_connections_each": each_conns,
+            "node_connections_after_hold_each": each_conns_after_hold,
             "node_connections_metric": node_conns,
             "node_connections_after_hold": node_conns_after_hold,
             "node_cpu_percent": node_cpu_pct,

@@ -27,8 +27,8 @@ use crate::net::{Conn, Target, connect_many};
 use crate::plan::user_id;
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least};
 use crate::stats::{
-    CpuMeter, MAX_LATENCY_US, Recorder, Summary, http_get, metric, now_nanos, summary_quantiles,
-    tag,
+    CpuMeter, MAX_LATENCY_US, NodesCpu, Recorder, Summary, http_get, metric, now_nanos,
+    summary_quantiles, tag,
 };
 
 /// Parameters.
@@ -132,7 +132,7 @@ async fn sender(
 }
 
 /// Runs scenario 4.
-pub async fn run(target: &Target, node_pid: Option<u32>, p: &Params) -> Result<ResultFile> {
+pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<ResultFile> {
     let rec = Arc::new(Recorder::new());
     let (mut conns, failed, err) =
         connect_many(target, &p.prefix, 0..p.senders, p.parallel, rec.clone()).await;
@@ -200,8 +200,8 @@ pub async fn run(target: &Target, node_pid: Option<u32>, p: &Params) -> Result<R
     eprintln!("durable: {n_groups} group(s) ready in {setup_secs:.1}s");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let before = http_get(target.addr, "/metrics").context("scraping /metrics")?;
-    let node_cpu = CpuMeter::start(node_pid);
+    let before = http_get(target.addr(), "/metrics").context("scraping /metrics")?;
+    let node_cpu = NodesCpu::start(node_pids);
     let self_cpu = CpuMeter::start(None);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(p.secs);
@@ -216,7 +216,7 @@ pub async fn run(target: &Target, node_pid: Option<u32>, p: &Params) -> Result<R
     }
     let node_cpu = node_cpu.percent();
     let self_cpu = self_cpu.percent();
-    let after = http_get(target.addr, "/metrics").context("scraping /metrics")?;
+    let after = http_get(target.addr(), "/metrics").context("scraping /metrics")?;
     let acked_in_window: u64 = outs.iter().map(|o| o.acked_in_window).sum();
     let acked: u64 = outs.iter().map(|o| o.acked).sum();
     let unanswered: u64 = outs.iter().map(|o| o.unanswered).sum();

@@ -24,7 +24,7 @@ use crate::net::{Conn, Target, connect_many};
 use crate::pace::{Pacer, per_driver};
 use crate::plan::{big_group_requests, deal, group_of_user, plan_groups, shuffled, user_id};
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least, verdict_at_most};
-use crate::stats::{CpuMeter, MAX_STEPS, Recorder, Summary, now_nanos, tag};
+use crate::stats::{CpuMeter, MAX_STEPS, NodesCpu, Recorder, Summary, now_nanos, tag};
 
 /// Timeout of setup requests (createGroup, addMembers).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,6 +78,8 @@ pub struct StepResult {
     pub latency: Summary,
     /// Node CPU, % of one core.
     pub node_cpu: Option<f64>,
+    /// Each node's CPU (a cluster), % of one core.
+    pub node_cpu_each: Vec<Option<f64>>,
     /// Load generator CPU, % of one core.
     pub loadgen_cpu: Option<f64>,
     /// Connections closed by the server so far (by code).
@@ -165,14 +167,14 @@ pub async fn run_steps(
     mut drivers: Vec<Vec<Sender>>,
     steps: &Steps,
     rec: &Arc<Recorder>,
-    node_pid: Option<u32>,
+    node_pids: &[u32],
 ) -> Result<Vec<StepResult>> {
     if steps.rates.len() > MAX_STEPS {
         bail!("at most {MAX_STEPS} steps");
     }
     let mut results = Vec::new();
     for (step, &total) in steps.rates.iter().enumerate() {
-        let node_cpu = CpuMeter::start(node_pid);
+        let node_cpu = NodesCpu::start(node_pids);
         let self_cpu = CpuMeter::start(None);
         let start = Instant::now() + Duration::from_millis(50);
         let end = start + Duration::from_secs_f64(steps.step_secs);
@@ -236,6 +238,7 @@ pub async fn run_steps(
             deliveries_per_sec: delivered as f64 / (send_secs + drain_secs),
             latency,
             node_cpu: node_cpu.percent(),
+            node_cpu_each: node_cpu.each(),
             loadgen_cpu: self_cpu.percent(),
             closes,
             kept_up,
@@ -305,7 +308,7 @@ pub struct FanoutParams {
 /// Scenario 2: one group of M online members, several senders.
 pub async fn fanout(
     target: &Target,
-    node_pid: Option<u32>,
+    node_pids: &[u32],
     p: &FanoutParams,
     steps: &Steps,
 ) -> Result<ResultFile> {
@@ -360,10 +363,10 @@ pub async fn fanout(
         })
         .collect();
     let drivers: Vec<Vec<Sender>> = senders.into_iter().map(|s| vec![s]).collect();
-    let results = run_steps(drivers, steps, &rec, node_pid).await?;
+    let results = run_steps(drivers, steps, &rec, node_pids).await?;
     drop(conns);
     let params = format!(
-        "M={} online, {} senders, steps {}s at {} msg/s",
+        "M={} online, {} senders, steps {}s at {} msg/s{}",
         thousands(p.members as u64),
         p.senders,
         steps.step_secs,
@@ -372,14 +375,15 @@ pub async fn fanout(
             .iter()
             .map(|r| r.to_string())
             .collect::<Vec<_>>()
-            .join("/")
+            .join("/"),
+        target.spread()
     );
     let best = best_step(&results, p.target_p99_ms);
     let peak = peak_step(&results);
     let mut rows = Vec::new();
     match best {
         Some(b) => rows.push(Row {
-            scenario: "2. fan-out".into(),
+            scenario: target.scenario("2. fan-out"),
             params: params.clone(),
             result: format!(
                 "{} deliveries ({} msg/s) with p99 < {} ms",
@@ -406,7 +410,7 @@ pub async fn fanout(
             },
         }),
         None => rows.push(Row {
-            scenario: "2. fan-out".into(),
+            scenario: target.scenario("2. fan-out"),
             params: params.clone(),
             result: format!("no step kept up with p99 < {} ms", p.target_p99_ms),
             latency_ms: results.first().map_or("-".into(), |s| s.latency.ms_cell()),
@@ -422,7 +426,7 @@ pub async fn fanout(
         && best.is_none_or(|b| b.step != pk.step)
     {
         rows.push(Row {
-            scenario: "2. fan-out (peak)".into(),
+            scenario: target.scenario("2. fan-out (peak)"),
             params: format!(
                 "M={}, offered {} msg/s",
                 thousands(p.members as u64),
@@ -440,6 +444,7 @@ pub async fn fanout(
         rows,
         details: json!({
             "scenario": "fanout",
+            "nodes": target.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "members": p.members,
             "senders": p.senders,
             "connect_secs": connect_secs,
@@ -473,7 +478,7 @@ pub struct GroupsParams {
 /// Scenario 3: users in groups of `min..=max`, every user sending.
 pub async fn groups(
     target: &Target,
-    node_pid: Option<u32>,
+    node_pids: &[u32],
     p: &GroupsParams,
     steps: &Steps,
 ) -> Result<ResultFile> {
@@ -549,19 +554,20 @@ pub async fn groups(
         }
     });
     let drivers = deal(senders, p.drivers);
-    let results = run_steps(drivers, steps, &rec, node_pid).await?;
+    let results = run_steps(drivers, steps, &rec, node_pids).await?;
     let params = format!(
-        "{} users (all online, all sending) in {} groups of {}–{} (mean {mean:.1}); {}s steps",
+        "{} users (all online, all sending) in {} groups of {}–{} (mean {mean:.1}); {}s steps{}",
         thousands(p.users as u64),
         plan.len(),
         p.min,
         p.max,
-        steps.step_secs
+        steps.step_secs,
+        target.spread()
     );
     let mut rows = Vec::new();
     for r in &results {
         rows.push(Row {
-            scenario: "3. many groups".into(),
+            scenario: target.scenario("3. many groups"),
             params: format!(
                 "{} msg/s offered ({:.2} msg/s per user)",
                 thousands(r.offered_msgs_per_sec as u64),
@@ -582,7 +588,10 @@ pub async fn groups(
     }
     let best = best_step(&results, p.p99_ms);
     rows.push(Row {
-        scenario: "3. many groups: highest rate with p99 < 50 ms".into(),
+        scenario: target.scenario(&format!(
+            "3. many groups: highest rate with p99 < {} ms",
+            p.p99_ms
+        )),
         params,
         result: best.map_or("none of the steps".into(), |b| {
             format!(
@@ -607,6 +616,7 @@ pub async fn groups(
         rows,
         details: json!({
             "scenario": "groups",
+            "nodes": target.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "users": p.users,
             "groups": plan.len(),
             "mean_group_size": mean,
@@ -643,6 +653,7 @@ mod tests {
                 ..Summary::default()
             },
             node_cpu: None,
+            node_cpu_each: Vec::new(),
             loadgen_cpu: None,
             closes: BTreeMap::new(),
             kept_up,

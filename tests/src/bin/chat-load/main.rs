@@ -4,7 +4,8 @@
 //! binary WebSocket frames, `?encoding=binary`) over real sockets, minting
 //! each user's HS256 token from the node's config file. Only 127.0.0.0/8
 //! targets are accepted; connections are spread over 127.0.0.2.. source
-//! addresses. Every scenario is bounded in count and time, prints its table
+//! addresses and, given several `--addr` (a cluster), round-robin over the
+//! nodes (connection i to node i mod n). Every scenario is bounded in count and time, prints its table
 //! rows and writes them (plus details) as JSON (`--json`).
 //!
 //! Scenarios (see `docs/benchmarks.md`):
@@ -47,15 +48,24 @@ const MAX_SECS: f64 = 600.0;
     about = "Load generator and benchmarks for chat-node"
 )]
 struct Cli {
-    /// The node's listener (must be in 127.0.0.0/8).
-    #[arg(long, default_value = "127.0.0.1:8080", global = true)]
-    addr: SocketAddr,
+    /// The node's listener (must be in 127.0.0.0/8). Several (repeated or
+    /// comma-separated: the nodes of a cluster) spread the connections
+    /// round-robin over the nodes: connection i goes to node i mod n, so the
+    /// members of a group and the senders land on different nodes.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    addr: Vec<SocketAddr>,
     /// The node's config file (for `[auth] jwt_secret`).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
-    /// The node's pid (for its CPU and RSS).
-    #[arg(long, global = true)]
-    node_pid: Option<u32>,
+    /// The node's pid (for its CPU and RSS); several (repeated or
+    /// comma-separated) for a cluster: CPU and RSS are summed.
+    #[arg(long, value_delimiter = ',', global = true)]
+    node_pid: Vec<u32>,
     /// Source addresses 127.0.0.2..=127.0.0.(1+N) to spread connections over.
     #[arg(long, default_value_t = 8, global = true)]
     sources: usize,
@@ -233,14 +243,18 @@ fn target(cli: &Cli) -> Result<net::Target> {
         .config
         .as_ref()
         .context("--config (the node's config file) is required")?;
-    net::Target::new(cli.addr, net::secret_from_config(config)?, cli.sources)
+    net::Target::new(&cli.addr, net::secret_from_config(config)?, cli.sources)
 }
 
 /// The global arguments to hand down to child processes.
 fn child_args(cli: &Cli) -> Vec<String> {
     let mut v = vec![
         "--addr".to_string(),
-        cli.addr.to_string(),
+        cli.addr
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
         "--sources".into(),
         cli.sources.to_string(),
         "--parallel".into(),
@@ -316,7 +330,7 @@ fn main() -> Result<()> {
                 hold_secs: *hold_secs,
                 prefix: prefix.clone(),
             };
-            let file = conns::run(&target, cli.node_pid, &p, &child_args(&cli))?;
+            let file = conns::run(&target, &cli.node_pid, &p, &child_args(&cli))?;
             emit(&cli, &file)
         }
         Cmd::ConnectChild {
@@ -370,7 +384,7 @@ fn main() -> Result<()> {
                 target_p99_ms: *p99_ms,
                 prefix: prefix.clone(),
             };
-            let file = rt.block_on(load::fanout(&target, cli.node_pid, &p, &steps))?;
+            let file = rt.block_on(load::fanout(&target, &cli.node_pid, &p, &steps))?;
             emit(&cli, &file)
         }
         Cmd::Groups {
@@ -410,7 +424,7 @@ fn main() -> Result<()> {
                 seed: *seed,
                 prefix: prefix.clone(),
             };
-            let file = rt.block_on(load::groups(&target, cli.node_pid, &p, &steps))?;
+            let file = rt.block_on(load::groups(&target, &cli.node_pid, &p, &steps))?;
             emit(&cli, &file)
         }
         Cmd::Durable {
@@ -425,6 +439,9 @@ fn main() -> Result<()> {
         } => {
             check_conns(*senders)?;
             check_secs("--secs", *secs)?;
+            if cli.addr.len() > 1 {
+                bail!("durable reads one node's commit metrics: give a single --addr");
+            }
             if *groups > 100_000 || *window == 0 || *window > 65_536 {
                 bail!("groups at most 100,000; window in 1..=65,536");
             }
@@ -439,7 +456,7 @@ fn main() -> Result<()> {
                 target: *goal,
                 prefix: prefix.clone(),
             };
-            let file = rt.block_on(durable::run(&target, cli.node_pid, &p))?;
+            let file = rt.block_on(durable::run(&target, &cli.node_pid, &p))?;
             emit(&cli, &file)
         }
         Cmd::Report { .. } => unreachable!("handled above"),

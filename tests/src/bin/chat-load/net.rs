@@ -28,8 +28,9 @@ use crate::stats::{Recorder, now_nanos};
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct Target {
-    /// The node's listener (loopback only).
-    pub addr: SocketAddr,
+    /// The nodes' listeners (loopback only); connection `i` goes to
+    /// `addrs[i % addrs.len()]` (see [`crate::plan::node_of`]).
+    pub addrs: Vec<SocketAddr>,
     /// The node's `[auth] jwt_secret`.
     pub secret: String,
     /// Source addresses, used round-robin by connection index.
@@ -37,18 +38,52 @@ pub struct Target {
 }
 
 impl Target {
-    /// Checks that `addr` is in 127.0.0.0/8 and builds the source list
+    /// Checks that every address is in 127.0.0.0/8 (at least one, at
+    /// most 64 nodes) and builds the source list
     /// 127.0.0.2 ..= 127.0.0.(1 + sources).
-    pub fn new(addr: SocketAddr, secret: String, sources: usize) -> Result<Target> {
-        match addr.ip() {
-            IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
-            other => bail!("refusing to load {other}: only 127.0.0.0/8 is allowed"),
+    pub fn new(addrs: &[SocketAddr], secret: String, sources: usize) -> Result<Target> {
+        if addrs.is_empty() || addrs.len() > 64 {
+            bail!("1..=64 node addresses");
+        }
+        for addr in addrs {
+            match addr.ip() {
+                IpAddr::V4(ip) if ip.octets()[0] == 127 => {}
+                other => bail!("refusing to load {other}: only 127.0.0.0/8 is allowed"),
+            }
         }
         Ok(Target {
-            addr,
+            addrs: addrs.to_vec(),
             secret,
             sources: source_addrs(sources),
         })
+    }
+
+    /// A table row's scenario name: `name` for one node, `5. cluster (n
+    /// nodes): name` for several.
+    pub fn scenario(&self, name: &str) -> String {
+        match self.addrs.len() {
+            1 => name.to_string(),
+            n => format!("5. cluster ({n} nodes): {name}"),
+        }
+    }
+
+    /// `""` for one node, `"; connections round-robin over n nodes"` for
+    /// several (for the parameters column).
+    pub fn spread(&self) -> String {
+        match self.addrs.len() {
+            1 => String::new(),
+            n => format!("; connections round-robin over {n} nodes"),
+        }
+    }
+
+    /// The first node (for `/metrics` of single-node scenarios).
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// The node connection `index` goes to.
+    pub fn addr_for(&self, index: usize) -> SocketAddr {
+        self.addrs[crate::plan::node_of(index, self.addrs.len())]
     }
 }
 
@@ -125,10 +160,11 @@ pub async fn connect(
     socket
         .bind(SocketAddr::new(IpAddr::V4(src), 0))
         .with_context(|| format!("binding {src}"))?;
-    let stream = socket.connect(target.addr).await.context("TCP connect")?;
+    let addr = target.addr_for(index);
+    let stream = socket.connect(addr).await.context("TCP connect")?;
     stream.set_nodelay(true)?;
     let token = mint(&target.secret, user)?;
-    let url = format!("ws://{}/ws?encoding=binary&token={token}", target.addr);
+    let url = format!("ws://{}/ws?encoding=binary&token={token}", addr);
     let (ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(ws_config()))
         .await
         .context("WebSocket upgrade")?;
@@ -297,10 +333,36 @@ mod tests {
 
     #[test]
     fn only_loopback_targets() {
-        assert!(Target::new("127.0.0.1:8080".parse().unwrap(), "s".into(), 4).is_ok());
-        assert!(Target::new("127.5.6.7:1".parse().unwrap(), "s".into(), 4).is_ok());
-        assert!(Target::new("10.0.0.1:8080".parse().unwrap(), "s".into(), 4).is_err());
-        assert!(Target::new("[::1]:8080".parse().unwrap(), "s".into(), 4).is_err());
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        assert!(Target::new(&[a("127.0.0.1:8080")], "s".into(), 4).is_ok());
+        assert!(Target::new(&[a("127.5.6.7:1")], "s".into(), 4).is_ok());
+        assert!(Target::new(&[a("10.0.0.1:8080")], "s".into(), 4).is_err());
+        assert!(Target::new(&[a("[::1]:8080")], "s".into(), 4).is_err());
+        assert!(Target::new(&[], "s".into(), 4).is_err());
+        // Every node of a cluster must be loopback.
+        assert!(Target::new(&[a("127.0.0.1:1"), a("10.0.0.1:2")], "s".into(), 4).is_err());
+        let t = Target::new(
+            &[
+                a("127.0.0.1:8081"),
+                a("127.0.0.1:8082"),
+                a("127.0.0.1:8083"),
+            ],
+            "s".into(),
+            4,
+        )
+        .unwrap();
+        assert_eq!(t.addr(), a("127.0.0.1:8081"));
+        let picked: Vec<SocketAddr> = (0..5).map(|i| t.addr_for(i)).collect();
+        assert_eq!(
+            picked,
+            vec![
+                a("127.0.0.1:8081"),
+                a("127.0.0.1:8082"),
+                a("127.0.0.1:8083"),
+                a("127.0.0.1:8081"),
+                a("127.0.0.1:8082")
+            ]
+        );
     }
 
     #[test]

@@ -10,6 +10,13 @@ pub fn user_id(prefix: &str, i: usize) -> String {
     format!("{prefix}{i}")
 }
 
+/// The node (index into the node list) that connection `index` goes to:
+/// round-robin, so consecutive users — the members of one planned group,
+/// the senders of a fan-out — land on different nodes of a cluster.
+pub fn node_of(index: usize, nodes: usize) -> usize {
+    index % nodes.max(1)
+}
+
 /// One group of the "many groups" scenario: a contiguous range of users.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPlan {
@@ -196,6 +203,48 @@ mod tests {
         let (create, adds) = big_group_requests(&members[..10], 1_000);
         assert_eq!(create.len(), 10);
         assert!(adds.is_empty());
+    }
+
+    /// How many of `indexes` go to each of `nodes` nodes.
+    fn per_node(indexes: impl IntoIterator<Item = usize>, nodes: usize) -> Vec<usize> {
+        let mut n = vec![0; nodes.max(1)];
+        for i in indexes {
+            n[node_of(i, nodes)] += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn connections_spread_round_robin_over_nodes() {
+        assert_eq!(node_of(7, 1), 0);
+        assert_eq!(node_of(7, 0), 0);
+        assert_eq!(node_of(7, 3), 1);
+        // Balanced: 100,000 connections over 5 nodes, 20,000 each; also
+        // when split over child processes by contiguous ranges.
+        assert_eq!(per_node(0..100_000, 5), vec![20_000; 5]);
+        let procs = 7;
+        let mut total = vec![0; 5];
+        for p in 0..procs {
+            let (s, e) = (100_000 * p / procs, 100_000 * (p + 1) / procs);
+            for (t, c) in total.iter_mut().zip(per_node(s..e, 5)) {
+                *t += c;
+            }
+        }
+        assert_eq!(total, vec![20_000; 5]);
+        assert_eq!(per_node(0..10, 3), vec![4, 3, 3]);
+        // Fan-out: the first `senders` connections send; 4 senders over 3
+        // nodes use every node.
+        assert_eq!(per_node(0..4, 3), vec![2, 1, 1]);
+        // Many groups: every group of at least 3 members has members on
+        // all 3 nodes, and a smaller one on as many nodes as members.
+        for g in plan_groups(18_000, 5, 50, 1) {
+            let nodes = per_node(g.members(), 3);
+            assert!(nodes.iter().all(|&n| n > 0), "group {g:?}: {nodes:?}");
+            let (lo, hi) = (nodes.iter().min().unwrap(), nodes.iter().max().unwrap());
+            assert!(hi - lo <= 1, "group {g:?}: {nodes:?}");
+        }
+        let small = GroupPlan { first: 4, size: 2 };
+        assert_eq!(per_node(small.members(), 3), vec![0, 1, 1]);
     }
 
     #[test]

@@ -278,6 +278,43 @@ impl CpuMeter {
     }
 }
 
+/// CPU use of several node processes together (a cluster), as a percentage
+/// of one core (the sum over the processes); `None` without pids.
+#[derive(Debug, Clone)]
+pub struct NodesCpu {
+    meters: Vec<CpuMeter>,
+}
+
+impl NodesCpu {
+    /// Starts measuring every pid in `pids`.
+    pub fn start(pids: &[u32]) -> Self {
+        NodesCpu {
+            meters: pids.iter().map(|&p| CpuMeter::start(Some(p))).collect(),
+        }
+    }
+
+    /// The sum of the processes' CPU since [`NodesCpu::start`].
+    pub fn percent(&self) -> Option<f64> {
+        if self.meters.is_empty() {
+            return None;
+        }
+        self.meters.iter().map(|m| m.percent()).sum()
+    }
+
+    /// Each process' CPU since [`NodesCpu::start`].
+    pub fn each(&self) -> Vec<Option<f64>> {
+        self.meters.iter().map(|m| m.percent()).collect()
+    }
+}
+
+/// The summed `VmRSS` of `pids`, KiB (`None` without pids or if one is gone).
+pub fn rss_sum_kib(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_kib(Some(p))).sum()
+}
+
 /// Percent of one core from two tick readings `secs` apart.
 pub fn cpu_percent(before: u64, after: u64, secs: f64) -> Option<f64> {
     if secs <= 0.0 {
