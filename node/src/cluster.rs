@@ -157,6 +157,12 @@ pub async fn start(
     http_addr: SocketAddr,
     draining: Arc<AtomicBool>,
 ) -> anyhow::Result<mpsc::Sender<ClusterCommand>> {
+    // ractor_cluster's listener fails inside an actor (a panic in the log)
+    // when its address is taken; check first and fail with a plain error.
+    drop(
+        std::net::TcpListener::bind(config.listen)
+            .map_err(|e| anyhow::anyhow!("cluster listen address {}: {e}", config.listen))?,
+    );
     let server = NodeServer::new(
         config.listen.port(),
         config.cookie.clone(),

@@ -90,3 +90,21 @@ pub fn is_error<T: std::fmt::Debug>(res: Result<T>, code: v1::ErrorCode, what: &
         },
     }
 }
+
+/// Fields a `message` push and its history entry must agree on.
+pub fn same_message(a: &v1::Message, b: &v1::Message) -> Result<()> {
+    anyhow::ensure!(
+        a.group_id == b.group_id
+            && a.seq == b.seq
+            && a.sender_id == b.sender_id
+            && a.text == b.text
+            && a.sent_at_ms == b.sent_at_ms
+            && a.client_msg_id == b.client_msg_id
+            && a.reply_to_seq == b.reply_to_seq
+            && a.mentions == b.mentions
+            && a.attachments == b.attachments
+            && a.system == b.system,
+        "push and history differ:\n push    {a:?}\n history {b:?}"
+    );
+    Ok(())
+}

@@ -64,6 +64,14 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long `Drop` waits for a node to exit after SIGTERM before SIGKILL.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 
+/// How long a test waits for an expected push.
+pub const PUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// A fresh user id starting with `name` (tests never share users).
+pub fn user(name: &str) -> String {
+    unique(&format!("{name}-"))
+}
+
 /// A unique-enough suffix for names in one test run (user ids, message ids).
 pub fn unique(prefix: &str) -> String {
     use rand::Rng;

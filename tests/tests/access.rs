@@ -13,12 +13,7 @@ use tests::check::{self, is_error, system_events, system_kind};
 use tests::client::{AuthVia, ClientOptions, upgrade_status};
 use tests::v1::{self, ErrorCode, Role, SystemKind};
 use tests::{Client, Mode, NodeProcess, auth, unique};
-
-const PUSH_WAIT: Duration = Duration::from_secs(10);
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
+use tests::{PUSH_WAIT, user};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_members_read_and_only_admins_manage() -> Result<()> {

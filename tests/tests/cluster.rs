@@ -29,29 +29,9 @@ use tests::failover::{
     Ack, ReceiverReport, ReceiverSpec, SenderReport, SenderSpec, Traffic, verify_group,
     verify_receiver,
 };
-use tests::v1::{self, SystemKind, server_frame::Kind};
+use tests::v1::{SystemKind, server_frame::Kind};
 use tests::{Client, Mode, NodeProcess, placement, unique};
-
-/// How long a test waits for an expected push.
-const PUSH_WAIT: Duration = Duration::from_secs(10);
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
-
-/// Fields a push and its history entry must agree on.
-fn same_message(a: &v1::Message, b: &v1::Message) -> Result<()> {
-    ensure!(
-        a.group_id == b.group_id
-            && a.seq == b.seq
-            && a.sender_id == b.sender_id
-            && a.text == b.text
-            && a.client_msg_id == b.client_msg_id
-            && a.system == b.system,
-        "push and history differ:\n push    {a:?}\n history {b:?}"
-    );
-    Ok(())
-}
+use tests::{PUSH_WAIT, check::same_message, user};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_on_different_nodes_chat_through_a_third_node() -> Result<()> {

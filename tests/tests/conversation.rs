@@ -13,32 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use tests::check::{self, system_events, system_kind};
 use tests::client::send_req;
 use tests::v1::{self, SystemKind};
-use tests::{Client, Mode, NodeProcess, unique};
-
-/// How long a test waits for an expected push.
-const PUSH_WAIT: Duration = Duration::from_secs(10);
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
-
-/// Fields a `message` push and its history entry must agree on.
-fn same_message(a: &v1::Message, b: &v1::Message) -> Result<()> {
-    ensure!(
-        a.group_id == b.group_id
-            && a.seq == b.seq
-            && a.sender_id == b.sender_id
-            && a.text == b.text
-            && a.sent_at_ms == b.sent_at_ms
-            && a.client_msg_id == b.client_msg_id
-            && a.reply_to_seq == b.reply_to_seq
-            && a.mentions == b.mentions
-            && a.attachments == b.attachments
-            && a.system == b.system,
-        "push and history differ:\n push    {a:?}\n history {b:?}"
-    );
-    Ok(())
-}
+use tests::{Client, Mode, NodeProcess};
+use tests::{PUSH_WAIT, check::same_message, user};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conversation_among_four_users() -> Result<()> {

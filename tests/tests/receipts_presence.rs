@@ -43,10 +43,8 @@ use tests::client::ClientOptions;
 use tests::cluster::{Cluster, ClusterOptions};
 use tests::v1::{self, client_frame::Kind as Req, server_frame::Kind};
 use tests::{Client, Mode, placement, unique};
+use tests::{PUSH_WAIT, user};
 use tokio::time::Instant;
-
-/// How long a test waits for a push it expects.
-const PUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// The default `[tuning] receipts_interval_ms` (the tests keep it).
 const RECEIPTS_INTERVAL: Duration = Duration::from_millis(500);
@@ -54,10 +52,6 @@ const RECEIPTS_INTERVAL: Duration = Duration::from_millis(500);
 /// Long enough for any coalesced receipts push to have gone out after the
 /// last pointer moved (interval + pointer flush + scheduling slack).
 const RECEIPTS_SETTLE: Duration = Duration::from_millis(2_000);
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
 
 fn wall_ms() -> u64 {
     SystemTime::now()

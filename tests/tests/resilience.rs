@@ -13,12 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tests::check;
 use tests::client::{ClientOptions, Closed, reply_kind, send_req};
+use tests::user;
 use tests::v1::{self, client_frame::Kind as Req, server_frame::Kind};
-use tests::{Client, Mode, NodeConfig, NodeProcess, unique};
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
+use tests::{Client, Mode, NodeConfig, NodeProcess};
 
 /// Sends `count` messages of `text_len` bytes as `cl`, `window` in flight.
 async fn send_many(

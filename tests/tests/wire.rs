@@ -12,12 +12,9 @@ use anyhow::{Context, Result, bail, ensure};
 use prost::Message as _;
 use tests::check::{self, is_error, system_kind};
 use tests::client::{ClientOptions, reply_kind, send_req};
+use tests::user;
 use tests::v1::{self, ClientFrame, ErrorCode, client_frame::Kind as Req, server_frame::Kind};
-use tests::{Client, Mode, NodeConfig, NodeProcess, unique};
-
-fn user(name: &str) -> String {
-    unique(&format!("{name}-"))
-}
+use tests::{Client, Mode, NodeConfig, NodeProcess};
 
 /// The error carried by `frame`, or a failure naming `what`.
 fn error_of(frame: &v1::ServerFrame, what: &str) -> Result<ErrorCode> {
