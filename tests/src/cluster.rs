@@ -253,8 +253,27 @@ pub fn node_name(i: usize) -> String {
 
 impl Cluster {
     /// Starts `options.nodes` nodes in parallel and waits until each sees
-    /// all of them live.
+    /// all of them live. Cluster ports are probed free before the nodes bind
+    /// them, so another test may take one in between: then the whole
+    /// cluster starts again on fresh ports (a few times at most).
     pub async fn start(options: ClusterOptions) -> Result<Self> {
+        const ATTEMPTS: usize = 3;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            match Self::start_once(options.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if format!("{e:#}").contains("in use") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| anyhow::anyhow!("no attempt"))
+            .context(format!(
+                "cluster ports kept colliding ({ATTEMPTS} attempts)"
+            )))
+    }
+
+    async fn start_once(options: ClusterOptions) -> Result<Self> {
         ensure!(options.nodes >= 1, "a cluster needs a node");
         let store_dir = tempfile::Builder::new()
             .prefix("chat-e2e-store-")
