@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use tests::check::{self, system_kind};
-use tests::cluster::{Cluster, ClusterOptions, Seeds, wait_until};
+use tests::cluster::{Cluster, ClusterOptions, Endpoints, Seeds, wait_until};
 use tests::failover::{
     Ack, ReceiverReport, ReceiverSpec, SenderReport, SenderSpec, Traffic, verify_group,
     verify_receiver,
@@ -569,21 +569,7 @@ async fn owner_frozen_past_the_failure_timeout(inside_a_commit: bool) -> Result<
     watcher.sync().await?;
     let groups = vec![gid.clone()];
     let endpoints = cluster.endpoints();
-    let mut traffic = Traffic::start(
-        &endpoints,
-        vec![
-            SenderSpec::new(&s1, &groups, 0),
-            SenderSpec {
-                mode: Mode::Binary,
-                ..SenderSpec::new(&s2, &groups, 1)
-            },
-            SenderSpec::new(&s3, &groups, 2),
-        ],
-        vec![
-            ReceiverSpec::new(&r1, &groups, 0),
-            ReceiverSpec::new(&r2, &groups, 1),
-        ],
-    );
+    let mut traffic = spread_traffic(&endpoints, &groups, [&s1, &s2, &s3], [&r1, &r2]);
     traffic
         .wait_acks(STEP, Duration::from_secs(30), "before the stop")
         .await?;
@@ -723,22 +709,8 @@ async fn a_node_joins_and_another_drains_while_clients_send() -> Result<()> {
     drop(admin);
     let groups = vec![joins.clone(), drains.clone(), stays.clone()];
     let endpoints = cluster.endpoints();
-    let mut traffic = Traffic::start(
-        &endpoints,
-        vec![
-            SenderSpec::new(&s1, &groups, 0),
-            // Connected to the node that will be drained.
-            SenderSpec {
-                mode: Mode::Binary,
-                ..SenderSpec::new(&s2, &groups, 1)
-            },
-            SenderSpec::new(&s3, &groups, 2),
-        ],
-        vec![
-            ReceiverSpec::new(&r1, &groups, 0),
-            ReceiverSpec::new(&r2, &groups, 1),
-        ],
-    );
+    // s2 is connected to node2, the node that will be drained.
+    let mut traffic = spread_traffic(&endpoints, &groups, [&s1, &s2, &s3], [&r1, &r2]);
     traffic
         .wait_acks(STEP, Duration::from_secs(30), "before the join")
         .await?;
@@ -943,4 +915,30 @@ async fn a_node_with_the_wrong_cookie_is_refused() -> Result<()> {
     );
     cluster.check_health().await?;
     Ok(())
+}
+
+/// Traffic on `groups` spread over the first three nodes: sender i on node
+/// i (the second one speaks binary), receiver i on node i.
+fn spread_traffic(
+    endpoints: &Endpoints,
+    groups: &[String],
+    senders: [&str; 3],
+    receivers: [&str; 2],
+) -> Traffic {
+    let groups = groups.to_vec();
+    Traffic::start(
+        endpoints,
+        vec![
+            SenderSpec::new(senders[0], &groups, 0),
+            SenderSpec {
+                mode: Mode::Binary,
+                ..SenderSpec::new(senders[1], &groups, 1)
+            },
+            SenderSpec::new(senders[2], &groups, 2),
+        ],
+        vec![
+            ReceiverSpec::new(receivers[0], &groups, 0),
+            ReceiverSpec::new(receivers[1], &groups, 1),
+        ],
+    )
 }
