@@ -956,6 +956,22 @@ async fn unicode_text_round_trips_in_both_encodings() -> Result<()> {
     Ok(())
 }
 
+/// The message `seq` as history returns it, and its reaction counts by emoji.
+async fn reactions_on(
+    cl: &mut Client,
+    gid: &str,
+    seq: u64,
+) -> Result<(v1::Message, Vec<(String, u32)>)> {
+    let h = cl.history(gid, Some(seq - 1), None, 1).await?;
+    let m = h.messages.into_iter().next().context("history page")?;
+    let counts = m
+        .reactions
+        .iter()
+        .map(|r| (r.emoji.clone(), r.count))
+        .collect();
+    Ok((m, counts))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reactions_and_readers() -> Result<()> {
     let node = NodeProcess::start_default().await?;
@@ -1034,13 +1050,7 @@ async fn typing_reactions_and_readers() -> Result<()> {
         _ => unreachable!(),
     }
     ca.call_ok(react(false)).await?;
-    let h = ca.history(&gid, Some(s.seq - 1), None, 1).await?;
-    let m = h.messages.first().context("history page")?;
-    let counts: Vec<(String, u32)> = m
-        .reactions
-        .iter()
-        .map(|r| (r.emoji.clone(), r.count))
-        .collect();
+    let (m, counts) = reactions_on(&mut ca, &gid, s.seq).await?;
     ensure!(
         counts == vec![("👍".to_string(), 2)],
         "reactions after two: {:?}",
@@ -1052,13 +1062,7 @@ async fn typing_reactions_and_readers() -> Result<()> {
         m.reactions[0].user_ids
     );
     cb.call_ok(react(true)).await?;
-    let h = ca.history(&gid, Some(s.seq - 1), None, 1).await?;
-    let m = h.messages.first().context("history page")?;
-    let counts: Vec<(String, u32)> = m
-        .reactions
-        .iter()
-        .map(|r| (r.emoji.clone(), r.count))
-        .collect();
+    let (m, counts) = reactions_on(&mut ca, &gid, s.seq).await?;
     ensure!(
         counts == vec![("👍".to_string(), 1)],
         "reactions after a removal: {:?}",

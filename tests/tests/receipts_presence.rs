@@ -660,6 +660,23 @@ async fn check_sync_soon(cl: &mut Client, gid: &str, model: &Model, what: &str) 
 }
 
 /// Checks one seq's description (push or `readers` reply) against the model.
+/// `readers` agrees with the model (counts and names) for every seq.
+async fn check_all_readers(cl: &mut Client, gid: &str, model: &Model, what: &str) -> Result<()> {
+    for seq in 1..=model.head {
+        let r = readers(cl, gid, seq).await?;
+        check_seq(
+            what,
+            seq,
+            r.read_by,
+            r.delivered_to,
+            &r.readers,
+            model,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
 fn check_seq(
     what: &str,
     seq: u64,
@@ -797,18 +814,7 @@ async fn pointers_never_move_backwards() -> Result<()> {
     check_sync_soon(&mut ca, &gid, &model, "alice at the end").await?;
 
     // readers agrees with the model for every seq.
-    for seq in 1..=model.head {
-        let r = readers(&mut ca, &gid, seq).await?;
-        check_seq(
-            "readers",
-            seq,
-            r.read_by,
-            r.delivered_to,
-            &r.readers,
-            &model,
-            true,
-        )?;
-    }
+    check_all_readers(&mut ca, &gid, &model, "readers").await?;
     Ok(())
 }
 
@@ -1926,18 +1932,7 @@ async fn pointers_and_last_seen_survive_restarts() -> Result<()> {
     for cl in [&mut ca, &mut cb, &mut cc] {
         check_sync(cl, &gid, &model, "after a clean restart with pending marks").await?;
     }
-    for seq in 1..=model.head {
-        let r = readers(&mut ca, &gid, seq).await?;
-        check_seq(
-            "readers after restarts",
-            seq,
-            r.read_by,
-            r.delivered_to,
-            &r.readers,
-            &model,
-            true,
-        )?;
-    }
+    check_all_readers(&mut ca, &gid, &model, "readers after restarts").await?;
     // Still forward only.
     cb.mark_read(&gid, 2).await?;
     cc.mark_delivered(&gid, 1).await?;
