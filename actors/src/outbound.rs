@@ -146,11 +146,6 @@ impl SessionHandle {
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed() || self.kill.code.load(Ordering::Acquire) != 0
     }
-
-    /// Whether both handles feed the same connection.
-    pub fn same(&self, other: &SessionHandle) -> bool {
-        self.tx.same_channel(&other.tx)
-    }
 }
 
 impl OutboundQueue {

@@ -146,16 +146,6 @@ impl Router {
         let _ = self.inner.host.cast(HostMessage::Rebalance);
     }
 
-    /// The nodes that own entities now.
-    pub fn owners(&self) -> Arc<Vec<String>> {
-        self.view().owners
-    }
-
-    /// The live peers.
-    pub fn peers(&self) -> Arc<Vec<String>> {
-        self.view().peers
-    }
-
     /// Every node whose port is reachable now (its link is up), live in our
     /// view or not yet. Deliveries go to all of them: a node may already
     /// send us requests (it counts us live) before we count it live, and

@@ -167,8 +167,6 @@ pub struct Batch {
     pub effects: Vec<Effect>,
     /// Pushes to fan out after the commit, in order.
     pub pushes: Vec<Kind>,
-    /// The log entries' messages, for pushes (seq order).
-    pub ends_with_membership: bool,
 }
 
 impl Batch {
@@ -557,7 +555,6 @@ pub fn plan(state: &mut GroupState) -> (Batch, Vec<Waiter>) {
                 w.result = Some(Ok(kind));
                 waiters.push(w);
                 if membership {
-                    planner.b.ends_with_membership = true;
                     break;
                 }
             }
