@@ -32,8 +32,12 @@ use crate::auth::{Auth, AuthError};
 use crate::cluster::{ClusterCommand, NodeStatus};
 use crate::ws::{self, ConnLimits};
 
-/// WebSocket read buffer per connection: small, so idle connections are cheap.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// WebSocket read chunk per connection: small, so idle connections are cheap
+/// (tungstenite keeps this much resident per connection and zero-fills it on
+/// every read attempt). Most client frames (a chat message) fit in one
+/// chunk; bigger ones take a few more reads and grow that connection's
+/// buffer as needed.
+const READ_BUFFER_BYTES: usize = 512;
 /// Outgoing bytes buffered before tungstenite writes to the socket.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 /// Most outgoing bytes tungstenite may hold for one connection: above the
@@ -333,7 +337,7 @@ fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) ->
     })
 }
 
-fn upgrade(mut req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
+fn upgrade(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Response<Body> {
     if server.draining.load(Ordering::Acquire) {
         return text(StatusCode::SERVICE_UNAVAILABLE, "node is going away\n");
     }
@@ -373,9 +377,13 @@ fn upgrade(mut req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> R
     let accept = derive_accept_key(key.as_bytes());
     let limits = server.limits;
     let router = server.router.clone();
+    // The upgrade future takes the request by value: the request (whose
+    // header values share hyper's 8 KiB read buffer) is dropped once the
+    // upgrade completes instead of living as long as the connection.
+    let upgrading = hyper::upgrade::on(req);
     server.tasks.spawn(async move {
         let _permit = permit;
-        let upgraded = match hyper::upgrade::on(&mut req).await {
+        let upgraded = match upgrading.await {
             Ok(u) => u,
             Err(e) => {
                 debug!(error = %e, "upgrade failed");
