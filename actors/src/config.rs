@@ -71,6 +71,9 @@ pub struct Tuning {
     /// A session that shows no sign of life for this long stops counting
     /// for its user's presence.
     pub presence_ttl: Duration,
+    /// A presence actor of an online user nobody watches passivates after
+    /// this long without operations (its state stays with the host).
+    pub presence_idle: Duration,
     /// Recent `clientMsgId`s a group actor remembers (older retries are
     /// answered from storage).
     pub dedupe_cache: usize,
@@ -85,6 +88,7 @@ impl Default for Tuning {
             call_timeout: Duration::from_secs(10),
             receipts_interval: Duration::from_millis(500),
             presence_ttl: Duration::from_secs(60),
+            presence_idle: Duration::from_secs(10),
             dedupe_cache: 4_096,
         }
     }

@@ -3,8 +3,9 @@
 //! router reads.
 //!
 //! Who talks to it: the [`Router`] (activate an entity on a miss or replace
-//! a stopping one, retire an idle or failed one, rebalance after a view
-//! change, stats, stop all). Entity actors are linked to it: when one
+//! a stopping one, retire an idle or failed one, passivate an idle presence
+//! and keep its [`Dormant`] record, rebalance after a view change, stats,
+//! stop all). Entity actors are linked to it: when one
 //! terminates or fails, the host drops it from its registry, so the next
 //! request starts a fresh one (a group reloads from storage).
 //!
@@ -21,7 +22,9 @@ use tracing::{debug, info, warn};
 use crate::error::ChatError;
 use crate::group::{Group, GroupArgs, GroupMessage};
 use crate::ids::{GroupId, UserId};
-use crate::presence::{Presence, PresenceArgs, PresenceMessage};
+use crate::presence::{
+    Dormant, DormantPresences, Presence, PresenceArgs, PresenceMessage, PresenceOp, SessionAddr,
+};
 use crate::router::Router;
 
 /// Running entity actors of one kind, by id: written by the host only, read
@@ -71,6 +74,9 @@ pub struct Registries {
     pub groups: Registry<GroupId, GroupMessage>,
     /// Presence actors.
     pub presence: Registry<UserId, PresenceMessage>,
+    /// Passivated presence actors' state (a user is in at most one of
+    /// `presence` and `dormant`, except while an actor passivates).
+    pub dormant: DormantPresences,
 }
 
 /// An entity the host runs.
@@ -109,13 +115,39 @@ pub enum HostMessage {
         /// The actor asking (ignored if the registry holds another).
         actor: ActorId,
     },
+    /// A presence actor (online, unwatched, idle) wants to passivate: drop
+    /// it from the registry, then send it `Passivate`.
+    Passivate {
+        /// Its user.
+        user: UserId,
+        /// The actor asking (ignored if the registry holds another).
+        actor: ActorId,
+    },
+    /// A session's touch of a user with no presence actor and no dormant
+    /// record here: pass it to the actor if one started meanwhile, else
+    /// record it (the user becomes dormant-online without an actor).
+    PresenceTouch {
+        /// The user.
+        user: UserId,
+        /// The session.
+        session: SessionAddr,
+    },
+    /// A passivated presence actor's state: keep it (or give it to the
+    /// actor that started meanwhile, or to the user's new owner).
+    Dormant {
+        /// The user.
+        user: UserId,
+        /// The state.
+        dormant: Dormant,
+    },
     /// The cluster view changed: retire the entity actors this node no
     /// longer owns.
     Rebalance,
     /// Retire every entity actor (keep serving: the next request starts a
     /// fresh one, which loads from storage and takes a new epoch).
     RetireAll,
-    /// Timer: tick every presence actor (one node-wide timer).
+    /// Timer: tick every presence actor (one node-wide timer) and wake
+    /// dormant users with a quiet session.
     Tick,
     /// Counts.
     Stats(RpcReplyPort<HostStats>),
@@ -133,6 +165,8 @@ pub struct HostStats {
     pub groups: usize,
     /// Presence actors running on this node.
     pub presences: usize,
+    /// Online users whose presence actor is passivated.
+    pub dormant_presences: usize,
 }
 
 /// The host's state.
@@ -163,6 +197,24 @@ fn retire_presences(actors: Vec<ActorRef<PresenceMessage>>) {
     }
 }
 
+/// Hands dormant users' sessions to whichever node owns each user now (the
+/// router starts actors there, or here again).
+fn hand_over_dormant(router: &Router, records: Vec<(UserId, Dormant)>) {
+    if records.is_empty() {
+        return;
+    }
+    let router = router.clone();
+    tokio::spawn(async move {
+        for (user, d) in records {
+            for s in d.sessions() {
+                router
+                    .presence_op(&user, s.clone(), PresenceOp::Touch)
+                    .await;
+            }
+        }
+    });
+}
+
 impl HostState {
     fn answer_stop_waiters(&mut self) {
         if self.stopping && self.children.is_empty() {
@@ -172,12 +224,18 @@ impl HostState {
         }
     }
 
-    fn retire_all(&mut self) -> usize {
+    /// Retires every entity actor. Dormant users are handed over again
+    /// (`keep_dormant == false`: the node is stopping, they are dropped).
+    fn retire_all(&mut self, keep_dormant: bool) -> usize {
         let groups = self.registries.groups.take_unless(|_| false);
         let presences = self.registries.presence.take_unless(|_| false);
+        let dormant = self.registries.dormant.take_unless(|_| false);
         let n = groups.len() + presences.len();
         retire_groups(groups);
         retire_presences(presences);
+        if keep_dormant && let Some(router) = &self.router {
+            hand_over_dormant(router, dormant);
+        }
         n
     }
 
@@ -206,11 +264,13 @@ impl HostState {
         &mut self,
         myself: &ActorRef<HostMessage>,
         user: UserId,
+        dormant: Option<Dormant>,
     ) -> Result<ActorRef<PresenceMessage>, ChatError> {
         let router = self.ready()?;
         let args = PresenceArgs {
             user: user.clone(),
             router,
+            dormant,
         };
         let (actor, _) = Actor::spawn_linked(None, Presence, args, myself.get_cell())
             .await
@@ -258,7 +318,9 @@ impl Actor for Host {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             HostMessage::Init(router) => {
-                let period = (router.config().tuning.presence_ttl / 4)
+                let t = &router.config().tuning;
+                let period = (t.presence_ttl / 4)
+                    .min(t.presence_idle / 2)
                     .max(std::time::Duration::from_millis(100));
                 myself.send_interval(period, || HostMessage::Tick);
                 state.router = Some(router);
@@ -266,6 +328,19 @@ impl Actor for Host {
             HostMessage::Tick => {
                 for a in state.registries.presence.lock().values() {
                     let _ = a.cast(PresenceMessage::Tick);
+                }
+                let Some(router) = state.router.clone() else {
+                    return Ok(());
+                };
+                // A quiet session of a dormant user: its actor decides.
+                let ttl = router.config().tuning.presence_ttl;
+                for (user, d) in state.registries.dormant.take_expired(ttl) {
+                    match state.spawn_presence(&myself, user.clone(), Some(d)).await {
+                        Ok(a) => {
+                            let _ = a.cast(PresenceMessage::Tick);
+                        }
+                        Err(e) => debug!(user = %user, error = %e, "presence not woken"),
+                    }
                 }
             }
             HostMessage::Activate(group, stale, reply) => {
@@ -287,7 +362,10 @@ impl Actor for Host {
                 }
                 let result = match state.registries.presence.get(&user) {
                     Some(a) => Ok(a),
-                    None => state.spawn_presence(&myself, user).await,
+                    None => {
+                        let dormant = state.registries.dormant.take(&user);
+                        state.spawn_presence(&myself, user, dormant).await
+                    }
                 };
                 let _ = reply.send(result);
             }
@@ -304,6 +382,34 @@ impl Actor for Host {
                     }
                 }
             },
+            HostMessage::Passivate { user, actor } => {
+                if let Some(a) = state.registries.presence.unregister(&user, actor) {
+                    let _ = a.cast(PresenceMessage::Passivate);
+                }
+            }
+            HostMessage::PresenceTouch { user, session } => {
+                if let Some(a) = state.registries.presence.get(&user) {
+                    let op = PresenceOp::Touch;
+                    let _ = a.cast(PresenceMessage::Op { session, op });
+                } else if !state.stopping {
+                    state.registries.dormant.touch_or_insert(&user, session);
+                }
+            }
+            HostMessage::Dormant { user, dormant } => {
+                let Some(router) = state.router.clone() else {
+                    return Ok(());
+                };
+                if state.stopping {
+                    // Sessions are closing with the node.
+                } else if let Some(a) = state.registries.presence.get(&user) {
+                    let _ = a.cast(PresenceMessage::Absorb(dormant));
+                } else if router.owns(user.as_str()) {
+                    metrics::counter!("chat_presence_passivations_total").increment(1);
+                    state.registries.dormant.insert(user, dormant);
+                } else {
+                    hand_over_dormant(&router, vec![(user, dormant)]);
+                }
+            }
             HostMessage::Rebalance => {
                 let Some(router) = &state.router else {
                     return Ok(());
@@ -325,20 +431,26 @@ impl Actor for Host {
                 }
                 retire_groups(groups);
                 retire_presences(presences);
+                let dormant = state
+                    .registries
+                    .dormant
+                    .take_unless(|u| router.owns(u.as_str()));
+                hand_over_dormant(router, dormant);
             }
             HostMessage::RetireAll => {
-                let n = state.retire_all();
+                let n = state.retire_all(true);
                 info!(actors = n, "retiring every entity actor");
             }
             HostMessage::Stats(reply) => {
                 let _ = reply.send(HostStats {
                     groups: state.registries.groups.lock().len(),
                     presences: state.registries.presence.lock().len(),
+                    dormant_presences: state.registries.dormant.len(),
                 });
             }
             HostMessage::StopAll(reply) => {
                 state.stopping = true;
-                let n = state.retire_all();
+                let n = state.retire_all(false);
                 info!(actors = n, "stopping every entity actor");
                 state.stop_waiters.push(reply);
                 state.answer_stop_waiters();

@@ -16,11 +16,23 @@
 //! subscribers left). If it dies, the sessions' periodic touches and
 //! re-subscriptions rebuild it within a third of the TTL.
 //!
+//! Passivation (as virtual actors do): an online user nobody watches, with
+//! no operation for `presence_idle`, hands its state (sessions and their
+//! touch times, last-seen) to the host as a [`Dormant`] record of ~100
+//! bytes and stops, instead of holding an actor (~12 KB) per idle user. A
+//! user nobody watches who comes online starts that way: the host records
+//! the first touch without starting an actor (there is nobody to tell and
+//! nothing to write). The router refreshes a dormant user's touches in
+//! place; any other operation, a query, or a session expiring (checked on
+//! the host's tick) starts the actor from that record.
+//!
 //! What it must not do: keep a session or subscriber longer than the TTL
 //! without a refresh, or block on storage.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::hash_map::Entry;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -64,6 +76,13 @@ pub enum PresenceMessage {
     Tick,
     /// The host dropped this actor from its registry: stop.
     Retire,
+    /// The host dropped this actor from its registry to passivate it: hand
+    /// the state to the host as a [`Dormant`] record (or, if someone
+    /// subscribed meanwhile, hand it over like `Retire`) and stop.
+    Passivate,
+    /// State of a passivated incarnation that reached the host after this
+    /// one started: merge it.
+    Absorb(Dormant),
 }
 
 impl ractor::Message for PresenceMessage {}
@@ -74,6 +93,142 @@ pub struct PresenceArgs {
     pub user: UserId,
     /// The node's router.
     pub router: Router,
+    /// The state a passivated incarnation left (then last-seen is not read
+    /// from storage).
+    pub dormant: Option<Dormant>,
+}
+
+/// What a passivated presence actor leaves behind: an online user nobody
+/// watches.
+///
+/// Invariant: `sessions` is not empty (an offline user simply stops).
+#[derive(Debug, Clone)]
+pub struct Dormant {
+    /// The user's sessions and when each last touched.
+    sessions: Vec<(SessionAddr, Instant)>,
+    /// When the user last went offline, if known (a record the host made
+    /// from a first touch has not read it from storage).
+    last_seen_ms: Option<u64>,
+}
+
+impl Dormant {
+    /// Records a touch by `session` now.
+    fn touch(&mut self, session: SessionAddr) {
+        let now = Instant::now();
+        match self.sessions.iter_mut().find(|(s, _)| *s == session) {
+            Some((_, t)) => *t = now,
+            None => self.sessions.push((session, now)),
+        }
+    }
+
+    /// Adds `other`'s sessions (keeping the later touch of each) and
+    /// last-seen.
+    fn merge(&mut self, other: Dormant) {
+        for (s, t) in other.sessions {
+            match self.sessions.iter_mut().find(|(x, _)| *x == s) {
+                Some((_, mine)) => *mine = (*mine).max(t),
+                None => self.sessions.push((s, t)),
+            }
+        }
+        self.last_seen_ms = self.last_seen_ms.max(other.last_seen_ms);
+    }
+
+    /// Whether a session has been quiet for `ttl` (the actor must run to
+    /// take the user offline or drop it).
+    fn expired(&self, ttl: Duration) -> bool {
+        self.sessions.iter().any(|(_, t)| t.elapsed() >= ttl)
+    }
+
+    /// The sessions (to hand them to another owner).
+    pub fn sessions(&self) -> impl Iterator<Item = &SessionAddr> {
+        self.sessions.iter().map(|(s, _)| s)
+    }
+}
+
+/// Dormant records of this node's passivated presence actors, by user:
+/// inserted and taken by the host, touched in place by the router.
+#[derive(Default)]
+pub struct DormantPresences(Mutex<HashMap<UserId, Dormant>>);
+
+impl DormantPresences {
+    /// Locks the map (a poisoned lock only means a panic elsewhere while
+    /// holding it; every update leaves the map consistent).
+    fn lock(&self) -> MutexGuard<'_, HashMap<UserId, Dormant>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refreshes `session`'s touch if `user` is dormant; false if it is not
+    /// (the operation must go to an actor).
+    pub fn touch(&self, user: &UserId, session: &SessionAddr) -> bool {
+        match self.lock().get_mut(user) {
+            Some(d) => {
+                d.touch(session.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a touch, making `user` dormant-online if it was unknown: a
+    /// user nobody watches comes online without an actor (nobody to tell,
+    /// nothing to write). Only the host calls this, so no actor of `user`
+    /// can start meanwhile.
+    pub fn touch_or_insert(&self, user: &UserId, session: SessionAddr) {
+        self.lock()
+            .entry(user.clone())
+            .or_insert_with(|| Dormant {
+                sessions: Vec::new(),
+                last_seen_ms: None,
+            })
+            .touch(session);
+    }
+
+    /// Stores a record, merged with one made meanwhile by a touch.
+    pub fn insert(&self, user: UserId, dormant: Dormant) {
+        match self.lock().entry(user) {
+            Entry::Occupied(mut e) => e.get_mut().merge(dormant),
+            Entry::Vacant(e) => {
+                e.insert(dormant);
+            }
+        }
+    }
+
+    /// Takes `user`'s record (to start its actor from it).
+    pub fn take(&self, user: &UserId) -> Option<Dormant> {
+        self.lock().remove(user)
+    }
+
+    /// Takes the records of users with a session quiet for `ttl`.
+    pub fn take_expired(&self, ttl: Duration) -> Vec<(UserId, Dormant)> {
+        self.take_where(|_, d| d.expired(ttl))
+    }
+
+    /// Takes every record whose user fails `keep`.
+    pub fn take_unless(&self, keep: impl Fn(&UserId) -> bool) -> Vec<(UserId, Dormant)> {
+        self.take_where(|u, _| !keep(u))
+    }
+
+    fn take_where(&self, take: impl Fn(&UserId, &Dormant) -> bool) -> Vec<(UserId, Dormant)> {
+        let mut map = self.lock();
+        let gone: Vec<UserId> = map
+            .iter()
+            .filter(|(u, d)| take(u, d))
+            .map(|(u, _)| u.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|u| map.remove(&u).map(|d| (u, d)))
+            .collect()
+    }
+
+    /// Dormant users.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The presence actor's state.
@@ -81,7 +236,8 @@ pub struct PresenceArgs {
 /// Invariants: the user is online iff `sessions` is not empty; every entry
 /// of `sessions` and `subscribers` was refreshed within the TTL (checked on
 /// each tick); `last_seen_ms` is the last time the user went offline (0 if
-/// unknown).
+/// unknown); once `retiring`, the actor has asked the host to retire or
+/// passivate it and asks nothing more.
 pub struct PresenceState {
     user: UserId,
     router: Router,
@@ -90,6 +246,10 @@ pub struct PresenceState {
     /// Sessions watching this user and when each last subscribed.
     subscribers: HashMap<SessionAddr, Instant>,
     last_seen_ms: u64,
+    /// When the last operation or query arrived (passivation clock).
+    last_op: Instant,
+    /// Whether `last_seen_ms` came with the state (no storage read needed).
+    seen_known: bool,
     retiring: bool,
 }
 
@@ -149,6 +309,34 @@ impl PresenceState {
         self.push(self.subscribers.keys().cloned().collect());
     }
 
+    /// Hands the sessions and subscriptions to whichever actor owns the
+    /// user next (a fresh one here, or another node after a view change).
+    fn hand_over(&self) {
+        let router = self.router.clone();
+        let user = self.user.clone();
+        let sessions: Vec<_> = self.sessions.keys().cloned().collect();
+        let subscribers: Vec<_> = self.subscribers.keys().cloned().collect();
+        if !sessions.is_empty() || !subscribers.is_empty() {
+            tokio::spawn(async move {
+                for s in sessions {
+                    router.presence_op(&user, s, PresenceOp::Touch).await;
+                }
+                for s in subscribers {
+                    router.presence_op(&user, s, PresenceOp::Subscribe).await;
+                }
+            });
+        }
+    }
+
+    /// Merges a passivated incarnation's state.
+    fn absorb(&mut self, d: Dormant) {
+        for (s, t) in d.sessions {
+            let e = self.sessions.entry(s).or_insert(t);
+            *e = (*e).max(t);
+        }
+        self.last_seen_ms = self.last_seen_ms.max(d.last_seen_ms.unwrap_or(0));
+    }
+
     async fn expire(&mut self) {
         let ttl = self.router.config().tuning.presence_ttl;
         let was = self.online();
@@ -168,14 +356,21 @@ impl Actor for Presence {
         _myself: ActorRef<Self::Msg>,
         args: PresenceArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(PresenceState {
+        let mut state = PresenceState {
             user: args.user,
             router: args.router,
             sessions: HashMap::new(),
             subscribers: HashMap::new(),
             last_seen_ms: 0,
+            last_op: Instant::now(),
+            seen_known: false,
             retiring: false,
-        })
+        };
+        if let Some(d) = args.dormant {
+            state.seen_known = d.last_seen_ms.is_some();
+            state.absorb(d);
+        }
+        Ok(state)
     }
 
     async fn post_start(
@@ -183,13 +378,18 @@ impl Actor for Presence {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if state.seen_known {
+            return Ok(());
+        }
         let user = state.user.to_string();
         let seen: ChatResult<u64> = state
             .router
             .store()
             .read(move |t, m| Ok(m.last_seen(t, &user)?))
             .await;
-        state.last_seen_ms = seen.unwrap_or(0);
+        // A passivated incarnation's state may have been absorbed meanwhile.
+        state.last_seen_ms = state.last_seen_ms.max(seen.unwrap_or(0));
+        state.seen_known = true;
         Ok(())
     }
 
@@ -201,6 +401,7 @@ impl Actor for Presence {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PresenceMessage::Op { session, op } => {
+                state.last_op = Instant::now();
                 let was = state.online();
                 match op {
                     PresenceOp::Touch => {
@@ -221,33 +422,48 @@ impl Actor for Presence {
                 }
                 state.changed(was).await;
             }
-            PresenceMessage::Query(reply) => reply.send(Ok(state.frame())),
+            PresenceMessage::Query(reply) => {
+                state.last_op = Instant::now();
+                reply.send(Ok(state.frame()));
+            }
             PresenceMessage::Tick => {
                 state.expire().await;
-                if !state.retiring && state.sessions.is_empty() && state.subscribers.is_empty() {
+                if state.retiring || !state.subscribers.is_empty() {
+                    return Ok(());
+                }
+                if state.sessions.is_empty() {
                     state.retiring = true;
                     state.router.retire_presence(&state.user, &myself);
+                } else if state.last_op.elapsed() >= state.router.config().tuning.presence_idle {
+                    state.retiring = true;
+                    state.router.passivate_presence(&state.user, &myself);
                 }
             }
             PresenceMessage::Retire => {
                 // Ops that arrived after we asked to stop must not be lost:
                 // hand what we hold to the next owner (a fresh actor here,
                 // or another node after a view change).
-                let router = state.router.clone();
-                let user = state.user.clone();
-                let sessions: Vec<_> = state.sessions.keys().cloned().collect();
-                let subscribers: Vec<_> = state.subscribers.keys().cloned().collect();
-                if !sessions.is_empty() || !subscribers.is_empty() {
-                    tokio::spawn(async move {
-                        for s in sessions {
-                            router.presence_op(&user, s, PresenceOp::Touch).await;
-                        }
-                        for s in subscribers {
-                            router.presence_op(&user, s, PresenceOp::Subscribe).await;
-                        }
-                    });
+                state.hand_over();
+                myself.stop(Some("retired".into()));
+            }
+            PresenceMessage::Passivate => {
+                // Ops that arrived after we asked are in the state; a
+                // subscriber among them keeps the user active elsewhere.
+                if state.subscribers.is_empty() && state.online() {
+                    let dormant = Dormant {
+                        sessions: state.sessions.drain().collect(),
+                        last_seen_ms: state.seen_known.then_some(state.last_seen_ms),
+                    };
+                    state.router.store_dormant_presence(&state.user, dormant);
+                } else {
+                    state.hand_over();
                 }
                 myself.stop(Some("retired".into()));
+            }
+            PresenceMessage::Absorb(d) => {
+                let was = state.online();
+                state.absorb(d);
+                state.changed(was).await;
             }
         }
         Ok(())

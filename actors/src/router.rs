@@ -31,7 +31,7 @@ use crate::ids::{GroupId, SessionId, UserId};
 use crate::outbound::SharedPush;
 use crate::outbound::{RemoteReplier, ReplyTo};
 use crate::placement;
-use crate::presence::{PresenceMessage, PresenceOp, SessionAddr};
+use crate::presence::{Dormant, PresenceMessage, PresenceOp, SessionAddr};
 use crate::relay::{Relay, RelayArgs, RelayMessage, RelayStats};
 use crate::request;
 use crate::store::Store;
@@ -456,10 +456,7 @@ impl Router {
     pub async fn presence_op(&self, user: &UserId, session: SessionAddr, op: PresenceOp) {
         let owner = self.owner_of(user.as_str());
         if owner == self.inner.node {
-            let msg = PresenceMessage::Op { session, op };
-            if let Err(e) = self.to_presence(user, msg).await {
-                debug!(user = %user, error = %e, "presence op not delivered");
-            }
+            self.local_presence_op(user, session, op).await;
             return;
         }
         let op = match op {
@@ -499,11 +496,31 @@ impl Router {
         } else {
             op.session_node.clone()
         };
-        let msg = PresenceMessage::Op {
-            session: (node, SessionId(op.session)),
-            op: kind,
-        };
-        if let Err(e) = self.to_presence(&user, msg).await {
+        self.local_presence_op(&user, (node, SessionId(op.session)), kind)
+            .await;
+    }
+
+    /// A presence operation on a user this node owns. A touch of a user
+    /// without a presence actor is recorded in its dormant record (in place
+    /// here, or by the host, which creates the record); anything else goes
+    /// to the actor, which the host starts from the dormant record if
+    /// needed.
+    async fn local_presence_op(&self, user: &UserId, session: SessionAddr, op: PresenceOp) {
+        let registries = &self.inner.registries;
+        if op == PresenceOp::Touch && registries.presence.get(user).is_none() {
+            if !registries.dormant.touch(user, &session) {
+                let touch = HostMessage::PresenceTouch {
+                    user: user.clone(),
+                    session,
+                };
+                if let Err(e) = self.inner.host.cast(touch) {
+                    debug!(user = %user, error = %e, "presence touch not delivered");
+                }
+            }
+            return;
+        }
+        let msg = PresenceMessage::Op { session, op };
+        if let Err(e) = self.to_presence(user, msg).await {
             debug!(user = %user, error = %e, "presence op not delivered");
         }
     }
@@ -568,6 +585,22 @@ impl Router {
         let _ = self.inner.host.cast(HostMessage::Retire {
             entity: Entity::Presence(user.clone()),
             actor: actor.get_id(),
+        });
+    }
+
+    /// A presence actor of an online user nobody watches has been idle.
+    pub fn passivate_presence(&self, user: &UserId, actor: &ActorRef<PresenceMessage>) {
+        let _ = self.inner.host.cast(HostMessage::Passivate {
+            user: user.clone(),
+            actor: actor.get_id(),
+        });
+    }
+
+    /// A passivated presence actor's state, for the host to keep.
+    pub fn store_dormant_presence(&self, user: &UserId, dormant: Dormant) {
+        let _ = self.inner.host.cast(HostMessage::Dormant {
+            user: user.clone(),
+            dormant,
         });
     }
 

@@ -190,6 +190,9 @@ pub struct TuningSection {
     pub receipts_interval_ms: u64,
     /// A session silent for this long stops counting for its user's presence.
     pub presence_ttl_ms: u64,
+    /// An online user's presence actor nobody watches passivates after this
+    /// long without operations.
+    pub presence_idle_ms: u64,
     /// Graceful shutdown deadline.
     pub shutdown_deadline_ms: u64,
 }
@@ -204,6 +207,7 @@ impl Default for TuningSection {
             call_timeout_ms: t.call_timeout.as_millis() as u64,
             receipts_interval_ms: t.receipts_interval.as_millis() as u64,
             presence_ttl_ms: t.presence_ttl.as_millis() as u64,
+            presence_idle_ms: t.presence_idle.as_millis() as u64,
             shutdown_deadline_ms: 8_000,
         }
     }
@@ -306,6 +310,7 @@ impl Config {
                 call_timeout: Duration::from_millis(t.call_timeout_ms),
                 receipts_interval: Duration::from_millis(t.receipts_interval_ms),
                 presence_ttl: Duration::from_millis(t.presence_ttl_ms),
+                presence_idle: Duration::from_millis(t.presence_idle_ms),
                 ..Tuning::default()
             },
         }

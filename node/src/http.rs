@@ -186,6 +186,10 @@ pub struct Status {
     pub draining: bool,
     /// Group actors running here.
     pub groups: usize,
+    /// Presence actors running here.
+    pub presences: usize,
+    /// Online users owned here whose presence actor is passivated.
+    pub dormant_presences: usize,
     /// Client sessions here.
     pub sessions: usize,
     /// Distinct users connected here.
@@ -232,6 +236,8 @@ async fn admin(req: Request<Incoming>, server: Arc<Server>) -> Response<Body> {
                 node: server.router.node().to_string(),
                 draining: server.draining.load(Ordering::Acquire),
                 groups: host.groups,
+                presences: host.presences,
+                dormant_presences: host.dormant_presences,
                 sessions: relay.sessions,
                 users: relay.users,
                 nodes,

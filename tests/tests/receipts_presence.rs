@@ -1861,6 +1861,115 @@ async fn a_quiet_subscriber_keeps_its_subscription() -> Result<()> {
     Ok(())
 }
 
+/// `GET /admin/status` of a single node: `(presence actors, dormant users)`.
+async fn presence_counts(node: &Node) -> Result<(u64, u64)> {
+    let token = tests::auth::operator_token(&node.secret);
+    let auth = format!("Bearer {token}");
+    let r = tests::http::request(
+        node.addr,
+        "GET",
+        "/admin/status",
+        &[("Authorization", auth.as_str())],
+        b"",
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(r.status == 200, "/admin/status: {} {}", r.status, r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body)?;
+    let n = |k: &str| v[k].as_u64().with_context(|| format!("no {k} in {v}"));
+    Ok((n("presences")?, n("dormant_presences")?))
+}
+
+/// Idle online users nobody watches cost no presence actor: their actors
+/// passivate into dormant records, which keep them online while their
+/// clients are active, take a silent one offline after the TTL, and wake
+/// for a subscriber, who then sees the user leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_presence_actors_passivate_and_wake() -> Result<()> {
+    use v1::PresenceStatus::{Offline, Online};
+    let node = Node::start(
+        Settings::default()
+            .tuning("presence_ttl_ms", PRESENCE_TTL.as_millis() as u64)
+            .tuning("presence_idle_ms", 300),
+    )
+    .await?;
+    let (a, b, s) = (user("active"), user("silent"), user("watcher"));
+    let t_b = Instant::now();
+    let mut ca = node.connect(&a).await?;
+    let mut cb = node.connect(&b).await?;
+    ca.sync().await?;
+    cb.sync().await?;
+
+    // Both actors passivate (nobody watches; no operation for 300 ms).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (actors, dormant) = presence_counts(&node).await?;
+        if actors == 0 && dormant == 2 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "presence actors {actors}, dormant {dormant}: expected 0 and 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // `active` heartbeats while dormant; `silent` sends nothing and is
+    // woken and taken offline by the host's tick once its last touch is a
+    // TTL old (sessions touch while their client was active within a TTL,
+    // so that is between one and two TTLs after its last frame).
+    let deadline = t_b + PRESENCE_TTL * 4;
+    let pb = loop {
+        heartbeat_for(
+            &mut ca,
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+        )
+        .await?;
+        let pb = node.admin_presence(&b).await?;
+        if pb.status == "OFFLINE" {
+            break pb;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "a silent dormant user still {pb:?} {:?} after its last frame",
+            t_b.elapsed()
+        );
+    };
+    ensure!(
+        t_b.elapsed() >= PRESENCE_TTL && pb.last_seen_ms > 0 && pb.last_seen_ms <= wall_ms(),
+        "a silent dormant user: {pb:?} after {:?}",
+        t_b.elapsed()
+    );
+    let pa = node.admin_presence(&a).await?;
+    ensure!(pa.status == "ONLINE", "an active dormant user: {pa:?}");
+    ensure!(
+        cb.next_push(Duration::from_millis(10)).await.is_ok() && cb.closed().is_none(),
+        "the silent client was disconnected: {:?}",
+        cb.closed()
+    );
+
+    // Let `active` passivate again, then watch it: the actor wakes with
+    // its sessions, answers ONLINE, and reports the departure.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        ca.heartbeat().await?;
+        let (_, dormant) = presence_counts(&node).await?;
+        if dormant >= 1 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "`active` never passivated again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut cs = node.connect(&s).await?;
+    subscribe(&mut cs, &[&a]).await?;
+    expect_presence(&mut cs, &a, Online, PUSH_WAIT, "dormant user watched").await?;
+    ca.close().await;
+    let gone = expect_presence(&mut cs, &a, Offline, Duration::from_secs(3), "left").await?;
+    ensure!(gone.last_seen_ms > 0, "lastSeenMs {gone:?}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Restarts
 // ---------------------------------------------------------------------------
