@@ -182,7 +182,10 @@ impl Actor for Session {
         let (kind, reply) = match message {
             SessionMessage::Request { kind, reply } => (kind, reply),
             SessionMessage::PresenceTick => {
-                state.presence_tick().await;
+                // Boxed, like `request` below: ractor keeps the handler's
+                // future inside the actor's task for its whole life, so an
+                // inline future would cost every idle session its size.
+                Box::pin(state.presence_tick()).await;
                 return Ok(());
             }
         };
@@ -194,7 +197,7 @@ impl Actor for Session {
         }
         metrics::counter!("chat_requests_total", "kind" => proto::codec::kind_name(&kind))
             .increment(1);
-        state.request(kind, reply).await;
+        Box::pin(state.request(kind, reply)).await;
         Ok(())
     }
 }

@@ -144,7 +144,8 @@ impl Connection {
                     match frame {
                         None => break End::Gone,
                         Some(Ok(msg)) => {
-                            if let Some(end) = self.on_message(msg).await {
+                            // Boxed: see `close_with`.
+                            if let Some(end) = Box::pin(self.on_message(msg)).await {
                                 break end;
                             }
                         }
@@ -161,27 +162,36 @@ impl Connection {
             }
         };
         if let End::Close(code, reason) = end {
-            if code != CLOSE_SLOW_CONSUMER {
-                // Let queued frames (e.g. a goaway) out first, briefly.
-                let _ = tokio::time::timeout(DRAIN_DEADLINE, async {
-                    while let Ok(item) = self.queue.rx.try_recv() {
-                        if self.write_batch(&mut sink, item).await.is_err() {
-                            break;
-                        }
-                    }
-                })
-                .await;
-            } else {
-                metrics::counter!("chat_slow_consumers_total").increment(1);
-            }
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let _ =
-                tokio::time::timeout(DRAIN_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
-            let _ = tokio::time::timeout(DRAIN_DEADLINE, sink.close()).await;
+            // Boxed: a closing path's futures need not sit in every idle
+            // connection's task.
+            Box::pin(self.close_with(&mut sink, code, reason)).await;
         }
+    }
+
+    /// Lets queued frames out (briefly), then closes with `code`.
+    async fn close_with<W>(&mut self, sink: &mut W, code: u16, reason: &'static str)
+    where
+        W: futures::Sink<Message, Error = WsError> + Unpin,
+    {
+        if code != CLOSE_SLOW_CONSUMER {
+            // Let queued frames (e.g. a goaway) out first, briefly.
+            let _ = tokio::time::timeout(DRAIN_DEADLINE, async {
+                while let Ok(item) = self.queue.rx.try_recv() {
+                    if self.write_batch(sink, item).await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        } else {
+            metrics::counter!("chat_slow_consumers_total").increment(1);
+        }
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
+        let _ = tokio::time::timeout(DRAIN_DEADLINE, sink.close()).await;
     }
 
     /// Writes `first` and whatever else is queued (up to [`MAX_BATCH`]),
