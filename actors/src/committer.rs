@@ -159,18 +159,17 @@ fn check(
     if !dups.is_empty() {
         return Ok(Ok(Some(dups)));
     }
-    let meta = match &w.create {
-        Some(new) => {
-            if m.meta(t, gid)?.is_some() {
-                return Ok(Err(CommitFailure::Stale(
-                    "group created concurrently".into(),
-                )));
-            }
-            Some(new.clone())
-        }
-        None => m.meta(t, gid)?,
-    };
+    if w.create.is_some() && m.meta(t, gid)?.is_some() {
+        return Ok(Err(CommitFailure::Stale(
+            "group created concurrently".into(),
+        )));
+    }
     if !w.adds.is_empty() {
+        // The meta (member count, limit) is read only when members join.
+        let meta = match &w.create {
+            Some(new) => Some(new.clone()),
+            None => m.meta(t, gid)?,
+        };
         let Some(meta) = meta else {
             return Ok(Err(CommitFailure::Stale("group has no meta".into())));
         };
