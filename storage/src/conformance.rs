@@ -671,6 +671,36 @@ fn sqlite_reopen_keeps_commits() {
     assert_eq!(get(&kv, b"uncommitted"), None);
 }
 
+/// Commits do not checkpoint (no auto-checkpoint in the writer's COMMIT):
+/// the background checkpointer copies the WAL into the database file soon
+/// after, while the store stays open, and every commit stays readable.
+#[test]
+fn sqlite_checkpoints_in_the_background() {
+    let (_dir, path) = temp_db();
+    let kv = SqliteKv::open(&path, SqliteOptions::default()).expect("open");
+    let db_len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let before = db_len();
+    let value = vec![7u8; 4_000];
+    for i in 0..300u32 {
+        let mut t = kv.begin(TxMode::ReadWrite).expect("begin");
+        let key = [&b"c"[..], &i.to_be_bytes()].concat();
+        t.set(&key, &value).expect("set");
+        t.commit().expect("commit");
+    }
+    // ~1.2 MB of pages went to the WAL; the checkpointer (every 100 ms)
+    // moves them into the database file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db_len() < before + 1_000_000 {
+        assert!(
+            Instant::now() < deadline,
+            "database file still {} bytes (was {before}): no background checkpoint",
+            db_len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(all(&kv, b"c").len(), 300);
+}
+
 #[test]
 fn sqlite_concurrent_open_of_a_new_file() {
     let (_dir, path) = temp_db();
