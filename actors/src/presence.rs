@@ -295,11 +295,10 @@ impl PresenceState {
         }
         if !self.online() {
             self.last_seen_ms = now_ms();
-            let (user, ms) = (self.user.to_string(), self.last_seen_ms);
             let written = self
                 .router
-                .store()
-                .write(move |t, m| Ok(m.set_last_seen(t, &user, ms)?))
+                .last_seen()
+                .write(self.user.to_string(), self.last_seen_ms)
                 .await;
             if let Err(e) = written {
                 warn!(user = %self.user, error = %e, "writing last-seen failed");
