@@ -1457,8 +1457,9 @@ async fn a_sender_has_read_its_message_once_it_is_sent() -> Result<()> {
     Ok(())
 }
 
-/// `GET /admin/status` of a single node: how many group actors run.
-async fn group_actors(node: &Node) -> Result<u64> {
+/// `GET /admin/status` of a single node: the counter `key` (e.g. how many
+/// group actors run).
+async fn status_count(node: &Node, key: &str) -> Result<u64> {
     let token = tests::auth::operator_token(&node.secret);
     let auth = format!("Bearer {token}");
     let r = tests::http::request(
@@ -1472,9 +1473,7 @@ async fn group_actors(node: &Node) -> Result<u64> {
     .await?;
     ensure!(r.status == 200, "/admin/status: {} {}", r.status, r.body);
     let v: serde_json::Value = serde_json::from_str(&r.body)?;
-    v["groups"]
-        .as_u64()
-        .with_context(|| format!("no groups in {v}"))
+    v[key].as_u64().with_context(|| format!("no {key} in {v}"))
 }
 
 /// The sender of a message hears that it was read even when the group's
@@ -1492,7 +1491,7 @@ async fn receipts_reach_the_sender_after_the_group_actor_idled() -> Result<()> {
     drain_receipts(&mut ca, &gid, Duration::from_millis(700)).await?;
     // Wait until no group actor runs (bounded).
     let deadline = Instant::now() + Duration::from_secs(8);
-    while group_actors(&node).await? > 0 {
+    while status_count(&node, "groups").await? > 0 {
         ensure!(Instant::now() < deadline, "the group actor never went idle");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -1861,23 +1860,12 @@ async fn a_quiet_subscriber_keeps_its_subscription() -> Result<()> {
     Ok(())
 }
 
-/// `GET /admin/status` of a single node: `(presence actors, dormant users)`.
+/// `(presence actors, dormant users)` of a single node.
 async fn presence_counts(node: &Node) -> Result<(u64, u64)> {
-    let token = tests::auth::operator_token(&node.secret);
-    let auth = format!("Bearer {token}");
-    let r = tests::http::request(
-        node.addr,
-        "GET",
-        "/admin/status",
-        &[("Authorization", auth.as_str())],
-        b"",
-        Duration::from_secs(10),
-    )
-    .await?;
-    ensure!(r.status == 200, "/admin/status: {} {}", r.status, r.body);
-    let v: serde_json::Value = serde_json::from_str(&r.body)?;
-    let n = |k: &str| v[k].as_u64().with_context(|| format!("no {k} in {v}"));
-    Ok((n("presences")?, n("dormant_presences")?))
+    Ok((
+        status_count(node, "presences").await?,
+        status_count(node, "dormant_presences").await?,
+    ))
 }
 
 /// Idle online users nobody watches cost no presence actor: their actors
