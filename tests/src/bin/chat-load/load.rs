@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use crate::net::{Conn, Target, connect_many};
 use crate::pace::{Pacer, per_driver};
 use crate::plan::{big_group_requests, deal, group_of_user, plan_groups, shuffled, user_id};
-use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least, verdict_at_most};
+use crate::report::{
+    ResultFile, Row, pct, peak_verdict, rate, thousands, verdict_at_least, verdict_at_most,
+};
 use crate::stats::{CpuMeter, MAX_STEPS, NodesCpu, Recorder, Summary, now_nanos, tag};
 
 /// Timeout of setup requests (createGroup, addMembers).
@@ -436,8 +438,21 @@ pub async fn fanout(
             latency_ms: pk.latency.ms_cell(),
             node_cpu: pct(pk.node_cpu),
             loadgen_cpu: pct(pk.loadgen_cpu),
-            target: "-".into(),
-            verdict: verdict_at_most(pk.latency.p99_us as f64 / 1000.0, p.target_p99_ms),
+            target: if p.target_deliveries > 0.0 {
+                format!(
+                    "≥ {} deliveries, p99 < {} ms",
+                    rate(p.target_deliveries),
+                    p.target_p99_ms
+                )
+            } else {
+                "-".into()
+            },
+            verdict: peak_verdict(
+                pk.deliveries_per_sec,
+                p.target_deliveries,
+                pk.latency.p99_us as f64 / 1000.0,
+                p.target_p99_ms,
+            ),
         });
     }
     Ok(ResultFile {

@@ -112,9 +112,48 @@ pub fn verdict_at_most(got: f64, target: f64) -> String {
     }
 }
 
+/// The verdict of a peak-throughput row: the throughput target (if any)
+/// and the latency target judged separately, so a peak that meets one and
+/// misses the other says so.
+pub fn peak_verdict(
+    deliveries: f64,
+    target_deliveries: f64,
+    p99_ms: f64,
+    target_p99_ms: f64,
+) -> String {
+    let latency = if p99_ms <= target_p99_ms {
+        format!("p99 < {target_p99_ms} ms: met")
+    } else {
+        format!("p99 MISSED: {:.1}x", p99_ms / target_p99_ms)
+    };
+    if target_deliveries > 0.0 {
+        let throughput = match verdict_at_least(deliveries, target_deliveries).as_str() {
+            "met" => "throughput met".to_string(),
+            missed => format!("throughput {missed}"),
+        };
+        format!("{throughput}; {latency}")
+    } else {
+        latency
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_verdicts_judge_throughput_and_latency_apart() {
+        assert_eq!(
+            peak_verdict(726_951.0, 500_000.0, 632.0, 100.0),
+            "throughput met; p99 MISSED: 6.3x"
+        );
+        assert_eq!(
+            peak_verdict(250_000.0, 500_000.0, 50.0, 100.0),
+            "throughput MISSED by 50% (0.500x of target); p99 < 100 ms: met"
+        );
+        assert_eq!(peak_verdict(790_060.0, 0.0, 74.5, 20.0), "p99 MISSED: 3.7x");
+        assert_eq!(peak_verdict(1.0, 0.0, 10.0, 20.0), "p99 < 20 ms: met");
+    }
 
     #[test]
     fn formatting() {
