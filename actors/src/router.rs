@@ -77,8 +77,20 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// Starts the node's relay and host and returns the router.
+    /// Starts the node's relay, host and port and returns the router.
     pub async fn start(node: &str, store: Store, config: ActorConfig) -> Result<Router, String> {
+        Self::start_with(node, store, config, None).await
+    }
+
+    /// [`Router::start`], with the port actor (every envelope from other
+    /// nodes, including the failure detector's pings and pongs) on
+    /// `port_runtime` if given, so a busy client runtime cannot delay it.
+    pub async fn start_with(
+        node: &str,
+        store: Store,
+        config: ActorConfig,
+        port_runtime: Option<tokio::runtime::Handle>,
+    ) -> Result<Router, String> {
         config.validate()?;
         let tick = (config.tuning.presence_ttl / 3).max(std::time::Duration::from_millis(100));
         let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, RelayArgs { tick })
@@ -109,9 +121,15 @@ impl Router {
         };
         host.cast(HostMessage::Init(router.clone()))
             .map_err(|e| format!("initialising host: {e}"))?;
-        Actor::spawn(Some(format!("{node}.port")), Port, router.clone())
-            .await
-            .map_err(|e| format!("starting port: {e}"))?;
+        let port = Actor::spawn(Some(format!("{node}.port")), Port, router.clone());
+        let started = match port_runtime {
+            Some(rt) => rt
+                .spawn(port)
+                .await
+                .map_err(|e| format!("starting port: {e}"))?,
+            None => port.await,
+        };
+        started.map_err(|e| format!("starting port: {e}"))?;
         Ok(router)
     }
 

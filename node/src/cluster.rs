@@ -21,7 +21,10 @@
 //!   unless draining); peers = live nodes. Handed to [`Router::set_view`].
 //!
 //! Runs as one task (no locks): events from ractor_cluster, the port's
-//! pongs and hellos, admin commands and timers all arrive on channels.
+//! pongs and hellos, admin commands and timers all arrive on channels. The
+//! node starts it, the NodeServer and the port on a runtime of their own
+//! (one thread, `main.rs`), so client load cannot delay the failure
+//! detector.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -151,7 +154,7 @@ struct Manager {
 
 /// Starts the NodeServer and the manager. Returns the command channel.
 pub async fn start(
-    name: &str,
+    name: String,
     config: ClusterSection,
     router: Router,
     http_addr: SocketAddr,

@@ -231,6 +231,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// A single-threaded runtime on a thread of its own, for cluster
+/// membership; it lives as long as the process.
+fn cluster_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("cluster")
+        .build()
+        .context("building the cluster runtime")?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("cluster".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .context("starting the cluster thread")?;
+    Ok(handle)
+}
+
 async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -239,25 +255,38 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let kv = open_storage(&config)?;
     let store = Store::new(kv);
     info!(node = %config.node.name, engine = store.engine(), "storage open");
-    let router = Router::start(&config.node.name, store, config.actor_config())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // In a cluster, membership (ractor_cluster's links, the port, the
+    // failure detector) runs on its own thread: a storm of client
+    // handshakes on the main runtime must not delay pings past the failure
+    // timeout and get healthy peers declared down.
+    let cluster_rt = match config.cluster {
+        Some(_) => Some(cluster_runtime()?),
+        None => None,
+    };
+    let router = Router::start_with(
+        &config.node.name,
+        store,
+        config.actor_config(),
+        cluster_rt.clone(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.node.listen)
         .await
         .with_context(|| format!("binding {}", config.node.listen))?;
     let draining = Arc::new(AtomicBool::new(false));
-    let cluster = match config.cluster.clone() {
-        Some(c) => Some(
-            cluster::start(
-                &config.node.name,
+    let cluster = match (config.cluster.clone(), cluster_rt) {
+        (Some(c), Some(rt)) => {
+            let start = cluster::start(
+                config.node.name.clone(),
                 c,
                 router.clone(),
                 listener.local_addr()?,
                 draining.clone(),
-            )
-            .await?,
-        ),
-        None => None,
+            );
+            Some(rt.spawn(start).await.context("starting the cluster")??)
+        }
+        _ => None,
     };
     let server = Arc::new(http::Server {
         router: router.clone(),
