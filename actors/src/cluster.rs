@@ -354,7 +354,7 @@ impl Actor for Port {
                 known: h.known,
                 http_addr: h.http_addr,
             }),
-            Env::Presence(op) => r.serve_presence_op(&from, op).await,
+            Env::Presence(op) => r.enqueue_presence_op(from, op),
             Env::PresenceQuery(q) => {
                 let reply = ReplyTo::remote(r.replier(), from, q.token, Encoding::Binary);
                 match UserId::parse(&q.user_id) {
