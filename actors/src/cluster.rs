@@ -25,6 +25,7 @@ use prost::Message as _;
 use proto::Encoding;
 use proto::v1::{self, envelope::Kind as Env, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, BytesConvertable};
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::error::{ChatError, ChatResult};
@@ -253,9 +254,44 @@ fn users(ids: &[String]) -> Vec<UserId> {
 /// The port: this node's one remotable actor.
 pub struct Port;
 
-/// The port's state: the node's router.
+/// Envelopes whose handling may wait (on the host starting an actor) and
+/// that the port's inbox task serves in arrival order, so the port itself
+/// never waits: pings and pongs queue behind whatever the port awaits, and
+/// a busy host (a mass disconnect starting thousands of presence actors)
+/// must not make healthy peers miss the failure timeout.
+const INBOX: usize = 65_536;
+
+/// The port's state: the node's router and its inbox task's queue.
 pub struct PortState {
     router: Router,
+    inbox: mpsc::Sender<(String, Env)>,
+}
+
+/// The port's inbox task: serves the envelopes that may wait, in order.
+async fn serve_inbox(router: Router, mut rx: mpsc::Receiver<(String, Env)>) {
+    while let Some((from, kind)) = rx.recv().await {
+        let r = &router;
+        match kind {
+            Env::GroupRequest(req) => r.serve_remote_request(&from, req).await,
+            Env::Presence(op) => r.serve_presence_op(&from, op).await,
+            Env::PresenceQuery(q) => {
+                let reply = ReplyTo::remote(r.replier(), from, q.token, Encoding::Binary);
+                match UserId::parse(&q.user_id) {
+                    Some(u) => r.query_presence(&u, reply).await,
+                    None => reply.fail(ChatError::Invalid("bad user id".into())),
+                }
+            }
+            Env::PostSystem(p) => {
+                let replier = r.replier();
+                let reply = ReplyTo::remote(replier, from, p.token, Encoding::Binary);
+                match GroupId::parse(&p.group_id) {
+                    Some(g) => r.post_system_local(&g, p.text, reply).await,
+                    None => reply.fail(ChatError::Invalid("bad group id".into())),
+                }
+            }
+            other => debug!(from = %from, kind = ?other, "not an inbox envelope; dropped"),
+        }
+    }
 }
 
 impl Actor for Port {
@@ -269,7 +305,9 @@ impl Actor for Port {
         router: Router,
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(port_group(router.node()), vec![myself.get_cell()]);
-        Ok(PortState { router })
+        let (inbox, rx) = mpsc::channel(INBOX);
+        tokio::spawn(serve_inbox(router.clone(), rx));
+        Ok(PortState { router, inbox })
     }
 
     async fn handle(
@@ -293,7 +331,15 @@ impl Actor for Port {
         metrics::counter!("chat_cluster_envelopes_in_total").increment(1);
         let r = &state.router;
         match kind {
-            Env::GroupRequest(req) => r.serve_remote_request(&from, req).await,
+            kind @ (Env::GroupRequest(_)
+            | Env::Presence(_)
+            | Env::PresenceQuery(_)
+            | Env::PostSystem(_)) => {
+                // Waits only when INBOX envelopes are already queued.
+                if state.inbox.send((from, kind)).await.is_err() {
+                    warn!("port inbox task gone; envelope dropped");
+                }
+            }
             Env::Reply(rep) => r.pending().complete(rep.token, frame_result(rep.frame)),
             Env::Deliver(d) => {
                 let Some(group) = GroupId::parse(&d.group_id) else {
@@ -354,28 +400,12 @@ impl Actor for Port {
                 known: h.known,
                 http_addr: h.http_addr,
             }),
-            Env::Presence(op) => r.enqueue_presence_op(from, op),
-            Env::PresenceQuery(q) => {
-                let reply = ReplyTo::remote(r.replier(), from, q.token, Encoding::Binary);
-                match UserId::parse(&q.user_id) {
-                    Some(u) => r.query_presence(&u, reply).await,
-                    None => reply.fail(ChatError::Invalid("bad user id".into())),
-                }
-            }
             Env::DeliverToSessions(d) => {
                 if let Some(push) = d.push.and_then(|f| f.kind) {
                     r.local_relay(RelayMessage::DeliverToSessions {
                         sessions: d.sessions.into_iter().map(crate::ids::SessionId).collect(),
                         push: SharedPush::new(push),
                     });
-                }
-            }
-            Env::PostSystem(p) => {
-                let replier = r.replier();
-                let reply = ReplyTo::remote(replier, from, p.token, Encoding::Binary);
-                match GroupId::parse(&p.group_id) {
-                    Some(g) => r.post_system_local(&g, p.text, reply).await,
-                    None => reply.fail(ChatError::Invalid("bad group id".into())),
                 }
             }
         }

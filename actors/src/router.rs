@@ -60,9 +60,6 @@ struct Inner {
     view: RwLock<View>,
     pending: Pending,
     peer_events: Mutex<Option<mpsc::Sender<PeerEvent>>>,
-    /// Presence operations from other nodes, served in order by one task
-    /// (see [`Router::enqueue_presence_op`]).
-    presence_inbox: mpsc::Sender<(String, v1::PresenceOp)>,
 }
 
 /// Routing, storage and configuration of one node. Cheap to clone.
@@ -103,7 +100,6 @@ impl Router {
         let (host, _) = Actor::spawn(Some(format!("{node}.host")), Host, registries.clone())
             .await
             .map_err(|e| format!("starting host: {e}"))?;
-        let (presence_inbox, presence_rx) = mpsc::channel(PRESENCE_INBOX);
         let router = Router {
             inner: Arc::new(Inner {
                 node: node.to_string(),
@@ -121,10 +117,8 @@ impl Router {
                 }),
                 pending: Pending::default(),
                 peer_events: Mutex::new(None),
-                presence_inbox,
             }),
         };
-        tokio::spawn(serve_presence_inbox(router.clone(), presence_rx));
         host.cast(HostMessage::Init(router.clone()))
             .map_err(|e| format!("initialising host: {e}"))?;
         let port = Actor::spawn(Some(format!("{node}.port")), Port, router.clone());
@@ -508,19 +502,6 @@ impl Router {
         );
     }
 
-    /// Queues a presence operation another node sent (called by the port,
-    /// which must not wait: pings and pongs queue behind whatever it
-    /// awaits, and starting presence actors waits on the host, which a mass
-    /// disconnect keeps busy). Best effort when the queue is full: sessions
-    /// repeat touches and subscriptions every third of the TTL, and a lost
-    /// leave expires with the TTL.
-    pub(crate) fn enqueue_presence_op(&self, from: String, op: v1::PresenceOp) {
-        if self.inner.presence_inbox.try_send((from, op)).is_err() {
-            metrics::counter!("chat_presence_ops_dropped_total").increment(1);
-            debug!("presence inbox full; operation dropped");
-        }
-    }
-
     /// A presence operation another node sent for one of its sessions.
     pub(crate) async fn serve_presence_op(&self, from: &str, op: v1::PresenceOp) {
         let Some(user) = UserId::parse(&op.user_id) else {
@@ -705,16 +686,6 @@ impl Router {
 /// Casts `msg` to the actor `actor_for` returns. Two tries: an actor may
 /// stop between the lookup and the cast; the second lookup names it stale,
 /// so the host drops it and starts a fresh one.
-/// Most presence operations from other nodes waiting to be served.
-const PRESENCE_INBOX: usize = 65_536;
-
-/// Serves presence operations from other nodes in arrival order.
-async fn serve_presence_inbox(router: Router, mut rx: mpsc::Receiver<(String, v1::PresenceOp)>) {
-    while let Some((from, op)) = rx.recv().await {
-        router.serve_presence_op(&from, op).await;
-    }
-}
-
 async fn cast_with_restart<M, F, Fut>(mut msg: M, mut actor_for: F, what: String) -> ChatResult<()>
 where
     M: ractor::Message,
