@@ -1,5 +1,5 @@
 //! The commit stage: one per node, it writes the planned batches of many
-//! group actors in one storage transaction.
+//! group actors, and users' last-seen times, in one storage transaction.
 //!
 //! Each group actor already batches its own requests (group commit); this
 //! stage batches across groups, so a node serving a thousand quiet groups
@@ -8,11 +8,17 @@
 //! shared transaction (epoch fence, head, dedupe, member limit) before any
 //! of its writes: a rejected batch writes nothing, and the others commit.
 //!
-//! Who talks to it: group actors, through [`Committer::commit`]. It runs
-//! storage on the blocking pool and never holds more than [`MAX_JOBS`]
-//! batches or [`MAX_ENTRIES`] log entries in one transaction; its queue is
-//! bounded ([`QUEUE`]), so a flood of commits slows the groups down instead
-//! of growing memory.
+//! Presence actors record a last-seen time each time a user goes offline and
+//! wait for it; when many users go offline at once (a node stopping closes
+//! all its clients, a peer crashes with its sessions), those writes share
+//! the same few transactions instead of one commit (one fsync) each.
+//!
+//! Who talks to it: group actors, through [`Committer::commit`], and
+//! presence actors, through [`Committer::last_seen`]. It runs storage on
+//! the blocking pool and never holds more than [`MAX_JOBS`] jobs or
+//! [`MAX_ENTRIES`] log entries in one transaction; its queue is bounded
+//! ([`QUEUE`]), so a flood of commits slows the writers down instead of
+//! growing memory.
 //!
 //! What it must not do: let one group's rejection or duplicate undo another
 //! group's writes, or reply before the transaction committed.
@@ -24,23 +30,43 @@ use storage::{TxError, Txn};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::error::ChatError;
+use crate::error::{ChatError, ChatResult};
 use crate::group::{CommitFailure, CommitOutcome, Writes};
 use crate::store::Store;
 
-/// Most group batches in one transaction.
+/// Most jobs (group batches, last-seen writes) in one transaction.
 pub const MAX_JOBS: usize = 512;
 /// Most log entries in one transaction (a batch larger than this still
 /// goes alone).
 pub const MAX_ENTRIES: usize = 20_000;
-/// Batches waiting for the stage.
+/// Jobs waiting for the stage.
 pub const QUEUE: usize = 4_096;
 
 type Outcome = Result<CommitOutcome, CommitFailure>;
 
+/// What one job writes (cloned into the transaction closure, which may run
+/// more than once).
+#[derive(Clone)]
+enum Work {
+    /// A group's planned batch, checked first.
+    Group(Arc<Writes>),
+    /// A user went offline at this time (ms).
+    LastSeen(String, u64),
+}
+
+/// Who waits for a job.
+enum Reply {
+    Group(oneshot::Sender<Outcome>),
+    LastSeen(oneshot::Sender<ChatResult<()>>),
+}
+
 struct Job {
-    writes: Arc<Writes>,
-    reply: oneshot::Sender<Outcome>,
+    work: Work,
+    reply: Reply,
+}
+
+fn stopped() -> ChatError {
+    ChatError::Unavailable("commit stage stopped".into())
 }
 
 /// The node's commit stage. Cheap to clone.
@@ -66,16 +92,36 @@ impl Committer {
     /// Commits one group's batch; resolves once it is durable (or rejected).
     pub async fn commit(&self, writes: Arc<Writes>) -> Outcome {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Job { writes, reply }).await.is_err() {
-            return Err(CommitFailure::Storage(ChatError::Unavailable(
-                "commit stage stopped".into(),
-            )));
+        let job = Job {
+            work: Work::Group(writes),
+            reply: Reply::Group(reply),
+        };
+        if self.tx.send(job).await.is_err() {
+            return Err(CommitFailure::Storage(stopped()));
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(CommitFailure::Storage(ChatError::Unavailable(
-                "commit stage stopped".into(),
-            )))
-        })
+        rx.await
+            .unwrap_or_else(|_| Err(CommitFailure::Storage(stopped())))
+    }
+
+    /// Records that `user` was last seen at `ms`; resolves once durable.
+    pub async fn last_seen(&self, user: String, ms: u64) -> ChatResult<()> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            work: Work::LastSeen(user, ms),
+            reply: Reply::LastSeen(reply),
+        };
+        self.tx.send(job).await.map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+impl Work {
+    /// Log entries it writes (the transaction's size bound).
+    fn entries(&self) -> usize {
+        match self {
+            Work::Group(w) => w.log.len(),
+            Work::LastSeen(..) => 0,
+        }
     }
 }
 
@@ -83,28 +129,44 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.recv().await {
         // Everything that queued while the last transaction ran goes into
         // this one, within the bounds.
-        let mut entries = first.writes.log.len();
+        let mut entries = first.work.entries();
         let mut jobs = vec![first];
         while jobs.len() < MAX_JOBS && entries < MAX_ENTRIES {
             let Ok(job) = rx.try_recv() else { break };
-            entries += job.writes.log.len();
+            entries += job.work.entries();
             jobs.push(job);
         }
-        let batches: Vec<Arc<Writes>> = jobs.iter().map(|j| j.writes.clone()).collect();
-        metrics::histogram!("chat_commit_groups_per_txn").record(batches.len() as f64);
+        let works: Vec<Work> = jobs.iter().map(|j| j.work.clone()).collect();
+        metrics::histogram!("chat_commit_groups_per_txn")
+            .record(works.iter().filter(|w| matches!(w, Work::Group(_))).count() as f64);
         metrics::histogram!("chat_commit_entries_per_txn").record(entries as f64);
+        // One outcome per group batch, in job order.
         let result = store
             .write_with(move |t, m| {
-                batches
-                    .iter()
-                    .map(|w| commit_one(t, m, w))
-                    .collect::<Result<Vec<Outcome>, TxError<()>>>()
+                let mut outcomes = Vec::new();
+                for w in &works {
+                    match w {
+                        Work::Group(w) => outcomes.push(commit_one(t, m, w)?),
+                        Work::LastSeen(user, ms) => m.set_last_seen(t, user, *ms)?,
+                    }
+                }
+                Ok::<_, TxError<()>>(outcomes)
             })
             .await;
         match result {
             Ok(outcomes) => {
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    let _ = job.reply.send(outcome);
+                let mut outcomes = outcomes.into_iter();
+                for job in jobs {
+                    match job.reply {
+                        Reply::Group(reply) => {
+                            if let Some(outcome) = outcomes.next() {
+                                let _ = reply.send(outcome);
+                            }
+                        }
+                        Reply::LastSeen(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -112,9 +174,16 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                     TxError::Db(e) => ChatError::from(e),
                     TxError::Abort(()) => ChatError::Internal("commit aborted".into()),
                 };
-                warn!(error = %err, groups = jobs.len(), "commit transaction failed");
+                warn!(error = %err, jobs = jobs.len(), "commit transaction failed");
                 for job in jobs {
-                    let _ = job.reply.send(Err(CommitFailure::Storage(err.clone())));
+                    match job.reply {
+                        Reply::Group(reply) => {
+                            let _ = reply.send(Err(CommitFailure::Storage(err.clone())));
+                        }
+                        Reply::LastSeen(reply) => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                    }
                 }
             }
         }

@@ -23,7 +23,8 @@ use crate::error::ChatError;
 use crate::group::{Group, GroupArgs, GroupMessage};
 use crate::ids::{GroupId, UserId};
 use crate::presence::{
-    Dormant, DormantPresences, Presence, PresenceArgs, PresenceMessage, PresenceOp, SessionAddr,
+    self, Dormant, DormantPresences, Presence, PresenceArgs, PresenceMessage, PresenceOp,
+    SessionAddr,
 };
 use crate::router::Router;
 
@@ -200,19 +201,11 @@ fn retire_presences(actors: Vec<ActorRef<PresenceMessage>>) {
 /// Hands dormant users' sessions to whichever node owns each user now (the
 /// router starts actors there, or here again).
 fn hand_over_dormant(router: &Router, records: Vec<(UserId, Dormant)>) {
-    if records.is_empty() {
-        return;
-    }
-    let router = router.clone();
-    tokio::spawn(async move {
-        for (user, d) in records {
-            for s in d.sessions() {
-                router
-                    .presence_op(&user, s.clone(), PresenceOp::Touch)
-                    .await;
-            }
-        }
-    });
+    let users = records
+        .into_iter()
+        .map(|(u, d)| (u, d.into_sessions(), Vec::new()))
+        .collect();
+    presence::hand_over(router, users);
 }
 
 impl HostState {

@@ -38,7 +38,6 @@ pub mod error;
 pub mod group;
 pub mod host;
 pub mod ids;
-pub mod lastseen;
 pub mod outbound;
 pub mod placement;
 pub mod presence;

@@ -112,12 +112,11 @@ pub struct Dormant {
 }
 
 impl Dormant {
-    /// Records a touch by `session` now.
-    fn touch(&mut self, session: SessionAddr) {
-        let now = Instant::now();
+    /// Records that `session` touched at `at` (keeping a later touch).
+    fn note(&mut self, session: SessionAddr, at: Instant) {
         match self.sessions.iter_mut().find(|(s, _)| *s == session) {
-            Some((_, t)) => *t = now,
-            None => self.sessions.push((session, now)),
+            Some((_, t)) => *t = (*t).max(at),
+            None => self.sessions.push((session, at)),
         }
     }
 
@@ -125,10 +124,7 @@ impl Dormant {
     /// last-seen.
     fn merge(&mut self, other: Dormant) {
         for (s, t) in other.sessions {
-            match self.sessions.iter_mut().find(|(x, _)| *x == s) {
-                Some((_, mine)) => *mine = (*mine).max(t),
-                None => self.sessions.push((s, t)),
-            }
+            self.note(s, t);
         }
         self.last_seen_ms = self.last_seen_ms.max(other.last_seen_ms);
     }
@@ -140,8 +136,8 @@ impl Dormant {
     }
 
     /// The sessions (to hand them to another owner).
-    pub fn sessions(&self) -> impl Iterator<Item = &SessionAddr> {
-        self.sessions.iter().map(|(s, _)| s)
+    pub fn into_sessions(self) -> Vec<SessionAddr> {
+        self.sessions.into_iter().map(|(s, _)| s).collect()
     }
 }
 
@@ -162,7 +158,7 @@ impl DormantPresences {
     pub fn touch(&self, user: &UserId, session: &SessionAddr) -> bool {
         match self.lock().get_mut(user) {
             Some(d) => {
-                d.touch(session.clone());
+                d.note(session.clone(), Instant::now());
                 true
             }
             None => false,
@@ -180,7 +176,7 @@ impl DormantPresences {
                 sessions: Vec::new(),
                 last_seen_ms: None,
             })
-            .touch(session);
+            .note(session, Instant::now());
     }
 
     /// Stores a record, merged with one made meanwhile by a touch.
@@ -229,6 +225,30 @@ impl DormantPresences {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Hands users' sessions and subscribers (`(user, sessions, subscribers)`)
+/// to whichever actor owns each user now, here or on another node, by
+/// repeating the touches and subscriptions through the router (in a task:
+/// the caller may be the host, which starting those actors needs).
+pub fn hand_over(router: &Router, users: Vec<(UserId, Vec<SessionAddr>, Vec<SessionAddr>)>) {
+    if users
+        .iter()
+        .all(|(_, sessions, subs)| sessions.is_empty() && subs.is_empty())
+    {
+        return;
+    }
+    let router = router.clone();
+    tokio::spawn(async move {
+        for (user, sessions, subscribers) in users {
+            for s in sessions {
+                router.presence_op(&user, s, PresenceOp::Touch).await;
+            }
+            for s in subscribers {
+                router.presence_op(&user, s, PresenceOp::Subscribe).await;
+            }
+        }
+    });
 }
 
 /// The presence actor's state.
@@ -297,8 +317,8 @@ impl PresenceState {
             self.last_seen_ms = now_ms();
             let written = self
                 .router
-                .last_seen()
-                .write(self.user.to_string(), self.last_seen_ms)
+                .committer()
+                .last_seen(self.user.to_string(), self.last_seen_ms)
                 .await;
             if let Err(e) = written {
                 warn!(user = %self.user, error = %e, "writing last-seen failed");
@@ -311,20 +331,12 @@ impl PresenceState {
     /// Hands the sessions and subscriptions to whichever actor owns the
     /// user next (a fresh one here, or another node after a view change).
     fn hand_over(&self) {
-        let router = self.router.clone();
-        let user = self.user.clone();
-        let sessions: Vec<_> = self.sessions.keys().cloned().collect();
-        let subscribers: Vec<_> = self.subscribers.keys().cloned().collect();
-        if !sessions.is_empty() || !subscribers.is_empty() {
-            tokio::spawn(async move {
-                for s in sessions {
-                    router.presence_op(&user, s, PresenceOp::Touch).await;
-                }
-                for s in subscribers {
-                    router.presence_op(&user, s, PresenceOp::Subscribe).await;
-                }
-            });
-        }
+        let sessions = self.sessions.keys().cloned().collect();
+        let subscribers = self.subscribers.keys().cloned().collect();
+        hand_over(
+            &self.router,
+            vec![(self.user.clone(), sessions, subscribers)],
+        );
     }
 
     /// Merges a passivated incarnation's state.

@@ -28,7 +28,6 @@ use crate::error::{ChatError, ChatResult};
 use crate::group::{GroupMessage, GroupOp};
 use crate::host::{Entity, Host, HostMessage, HostStats, Registries};
 use crate::ids::{GroupId, SessionId, UserId};
-use crate::lastseen::LastSeenWriter;
 use crate::outbound::SharedPush;
 use crate::outbound::{RemoteReplier, ReplyTo};
 use crate::placement;
@@ -51,7 +50,6 @@ struct Inner {
     node: String,
     store: Store,
     committer: Committer,
-    last_seen: LastSeenWriter,
     config: ActorConfig,
     registries: Arc<Registries>,
     host: ActorRef<HostMessage>,
@@ -104,7 +102,6 @@ impl Router {
             inner: Arc::new(Inner {
                 node: node.to_string(),
                 committer: Committer::start(store.clone()),
-                last_seen: LastSeenWriter::start(store.clone()),
                 store,
                 config,
                 registries,
@@ -386,11 +383,6 @@ impl Router {
     /// The node's commit stage.
     pub fn committer(&self) -> &Committer {
         &self.inner.committer
-    }
-
-    /// The node's last-seen writer.
-    pub fn last_seen(&self) -> &LastSeenWriter {
-        &self.inner.last_seen
     }
 
     /// The configuration.
