@@ -259,10 +259,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // failure detector) runs on its own thread: a storm of client
     // handshakes on the main runtime must not delay pings past the failure
     // timeout and get healthy peers declared down.
-    let cluster_rt = match config.cluster {
-        Some(_) => Some(cluster_runtime()?),
-        None => None,
-    };
+    let cluster_rt = config.cluster.is_some().then(cluster_runtime).transpose()?;
     let router = Router::start_with(
         &config.node.name,
         store,

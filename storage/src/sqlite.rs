@@ -387,13 +387,14 @@ fn start_checkpointer(conn: Connection) -> Result<std_mpsc::Sender<()>, Error> {
 /// an optimisation of reads and of the WAL's size, never needed for
 /// durability).
 fn checkpoint(conn: &Connection) {
-    let run = |mode: &str| -> rusqlite::Result<(i64, i64)> {
+    // The pragma's row is (busy, WAL pages, pages checkpointed).
+    let run = |mode: &str| -> rusqlite::Result<i64> {
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            r.get::<_, i64>(1)
         })
     };
     match run("PASSIVE") {
-        Ok((log, _)) if log > WAL_RESTART_PAGES => {
+        Ok(log) if log > WAL_RESTART_PAGES => {
             if let Err(e) = run("RESTART") {
                 tracing::debug!(error = %e, wal_pages = log, "sqlite restart checkpoint failed");
             }
