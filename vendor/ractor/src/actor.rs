@@ -1045,7 +1045,7 @@ where
                 match msg.serialized_msg {
                     Some(serialized_msg) => {
                         return handler
-                            .handle_serialized(myself, serialized_msg, state)
+                            .handle_serialized(myself, *serialized_msg, state)
                             .await;
                     }
                     None => {
