@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use actors::Router;
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -408,7 +409,9 @@ fn upgrade(req: Request<Incoming>, server: Arc<Server>, permit: Permit) -> Respo
         let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        ws::serve(ws, user, router, limits, encoding).await;
+        // Split here, where `ws` lives across no await (see `ws::serve`).
+        let (sink, stream) = ws.split();
+        ws::serve(sink, stream, user, router, limits, encoding).await;
     });
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

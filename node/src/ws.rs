@@ -20,6 +20,7 @@ use actors::outbound::{
 };
 use actors::session::{Session, SessionArgs, SessionMessage};
 use actors::{ChatError, Router, UserId};
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use proto::Encoding;
 use proto::codec;
@@ -50,9 +51,20 @@ pub struct ConnLimits {
     pub max_in_flight: usize,
 }
 
+/// The write half of a client's socket.
+pub type WsSink<S> = SplitSink<WebSocketStream<S>, Message>;
+/// The read half of a client's socket.
+pub type WsStream<S> = SplitStream<WebSocketStream<S>>;
+
 /// Serves one upgraded connection until it closes.
+///
+/// It takes the socket already split: an async fn keeps its by-value
+/// arguments for its whole life, and a `WebSocketStream` is ~1.5 KB, which
+/// every idle connection would otherwise hold twice (here and in the loop)
+/// beside the halves' shared copy.
 pub async fn serve<S>(
-    ws: WebSocketStream<S>,
+    mut sink: WsSink<S>,
+    stream: WsStream<S>,
     user: UserId,
     router: Router,
     limits: ConnLimits,
@@ -66,17 +78,19 @@ pub async fn serve<S>(
         handle: handle.clone(),
         router,
     };
-    let (session, _) = match Actor::spawn(None, Session, args).await {
+    // Boxed: spawning awaits the session's `pre_start` (it reads the user's
+    // groups), a future that need not sit in every idle connection's task.
+    let (session, _) = match Box::pin(Actor::spawn(None, Session, args)).await {
         Ok(s) => s,
         Err(e) => {
             warn!(user = %user, error = %e, "session failed to start");
-            let mut ws = ws;
-            let _ = ws
-                .close(Some(CloseFrame {
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
                     code: CloseCode::Again,
                     reason: "session unavailable, retry".into(),
-                }))
+                })))
                 .await;
+            let _ = sink.close().await;
             return;
         }
     };
@@ -91,7 +105,7 @@ pub async fn serve<S>(
         fixed: fixed_encoding.is_some(),
         limits,
     };
-    conn.run(ws).await;
+    conn.run(sink, stream).await;
     session.stop(None);
     metrics::gauge!("chat_connections").decrement(1.0);
     debug!(user = %user, "connection closed");
@@ -119,11 +133,10 @@ enum End {
 }
 
 impl Connection {
-    async fn run<S>(&mut self, ws: WebSocketStream<S>)
+    async fn run<S>(&mut self, mut sink: WsSink<S>, mut stream: WsStream<S>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut sink, mut stream) = ws.split();
         let end = loop {
             tokio::select! {
                 biased;
