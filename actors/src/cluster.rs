@@ -420,7 +420,7 @@ mod tests {
 
     #[tokio::test]
     async fn pending_requests_are_answered_exactly_once() {
-        let (h, mut q) = SessionHandle::channel(8);
+        let (h, q) = SessionHandle::channel(8);
         let p = Pending::default();
         let t1 = p.insert("b", ReplyTo::new(1, Encoding::Json, h.clone(), None));
         let _t2 = p.insert("c", ReplyTo::new(2, Encoding::Json, h.clone(), None));
@@ -431,7 +431,7 @@ mod tests {
         p.expire(Duration::ZERO);
         p.complete(t3, Ok(Kind::Ok(v1::Ok {}))); // already failed: ignored
         let mut got = Vec::new();
-        while let Ok(Outbound::Reply { id, result, .. }) = q.rx.try_recv() {
+        while let Some(Outbound::Reply { id, result, .. }) = q.try_recv() {
             got.push((id, result.is_ok()));
         }
         got.sort();

@@ -9,14 +9,21 @@
 //!
 //! The consumer is the connection task in `node`, which owns the socket,
 //! encodes replies, and writes queued frames in batches.
+//!
+//! The queue is a `VecDeque` behind a mutex rather than a tokio channel:
+//! an empty `VecDeque` owns no buffer, so an idle connection pays nothing
+//! for its queue, where a tokio channel allocates its first 32-slot block
+//! and a cache-padded header (~1.3 KB) up front. That matters at one queue
+//! per connection (issue 5's memory budget per idle connection).
 
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use proto::Encoding;
 use proto::v1::{ServerFrame, server_frame};
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 
 use crate::error::{ChatError, ChatResult};
 
@@ -81,88 +88,159 @@ impl SharedPush {
     }
 }
 
-#[derive(Debug, Default)]
-struct KillSwitch {
+/// A drained queue whose buffer grew past this many slots (a burst) gives
+/// the buffer back; smaller ones keep it for the next pushes.
+const SHRINK_ABOVE_SLOTS: usize = 256;
+
+/// One connection's queue and kill switch, shared by its producers and
+/// its connection task.
+///
+/// Invariants: `items` never holds more than `capacity` items; once
+/// `consumer_gone` is set nothing is queued any more and `items` is empty;
+/// `code` changes at most once, from 0.
+#[derive(Debug)]
+struct Shared {
+    /// Queued frames, oldest first.
+    items: Mutex<VecDeque<Outbound>>,
+    /// Most frames queued at once.
+    capacity: usize,
+    /// Wakes the connection task when a frame is queued.
+    queued: Notify,
+    /// The connection task dropped its side.
+    consumer_gone: AtomicBool,
     /// 0 while the connection may live; otherwise the close code to use.
     code: AtomicU16,
-    notify: Notify,
+    /// Wakes close watchers when `code` is set.
+    closing: Notify,
+}
+
+impl Shared {
+    fn items(&self) -> std::sync::MutexGuard<'_, VecDeque<Outbound>> {
+        // No code panics while holding the lock (push_back/pop_front and
+        // shrinking), so a poisoned lock still guards a consistent queue.
+        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The producers' side of a connection: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
-    tx: mpsc::Sender<Outbound>,
-    kill: Arc<KillSwitch>,
+    shared: Arc<Shared>,
 }
 
-/// The connection task's side.
+/// The connection task's side (one per connection). The connection also
+/// holds a [`SessionHandle`], so the queue does not end by itself: the
+/// connection ends through its socket or its kill switch.
 #[derive(Debug)]
 pub struct OutboundQueue {
-    /// Queued frames.
-    pub rx: mpsc::Receiver<Outbound>,
-    kill: Arc<KillSwitch>,
+    shared: Arc<Shared>,
 }
 
 impl SessionHandle {
     /// A new connection queue holding at most `capacity` frames.
     pub fn channel(capacity: usize) -> (SessionHandle, OutboundQueue) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let kill = Arc::new(KillSwitch::default());
+        let shared = Arc::new(Shared {
+            items: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            queued: Notify::new(),
+            consumer_gone: AtomicBool::new(false),
+            code: AtomicU16::new(0),
+            closing: Notify::new(),
+        });
         (
             SessionHandle {
-                tx,
-                kill: kill.clone(),
+                shared: shared.clone(),
             },
-            OutboundQueue { rx, kill },
+            OutboundQueue { shared },
         )
     }
 
     /// Queues a frame without waiting. A full queue cuts the connection off
     /// as a slow consumer. Returns whether the frame was queued.
     pub fn push(&self, item: Outbound) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CLOSE_SLOW_CONSUMER);
-                false
+        let shared = &*self.shared;
+        {
+            let mut items = shared.items();
+            if shared.consumer_gone.load(Ordering::Acquire) {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            if items.len() >= shared.capacity {
+                drop(items);
+                self.close(CLOSE_SLOW_CONSUMER);
+                return false;
+            }
+            items.push_back(item);
         }
+        // One consumer: a stored permit wakes its next wait if it is not
+        // waiting now.
+        shared.queued.notify_one();
+        true
     }
 
     /// Asks the connection to close with `code` (the first code asked wins).
     pub fn close(&self, code: u16) {
         if self
-            .kill
+            .shared
             .code
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.kill.notify.notify_one();
+            self.shared.closing.notify_one();
         }
     }
 
     /// Whether the connection is gone or closing.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed() || self.kill.code.load(Ordering::Acquire) != 0
+        self.shared.consumer_gone.load(Ordering::Acquire)
+            || self.shared.code.load(Ordering::Acquire) != 0
     }
 }
 
 impl OutboundQueue {
+    /// The oldest queued frame, waiting for one if there is none.
+    pub async fn recv(&self) -> Outbound {
+        loop {
+            if let Some(item) = self.try_recv() {
+                return item;
+            }
+            // A frame pushed between the check and this wait left a permit.
+            self.shared.queued.notified().await;
+        }
+    }
+
+    /// The oldest queued frame, if any.
+    pub fn try_recv(&self) -> Option<Outbound> {
+        let mut items = self.shared.items();
+        let item = items.pop_front();
+        if items.is_empty() && items.capacity() > SHRINK_ABOVE_SLOTS {
+            items.shrink_to_fit();
+        }
+        item
+    }
+
     /// Resolves with the close code once a producer asked to close.
     pub async fn closed(&self) -> u16 {
-        wait_closed(&self.kill).await
+        wait_closed(&self.shared).await
     }
 
     /// A watcher of close requests that does not borrow the queue.
     pub fn close_watch(&self) -> CloseWatch {
-        CloseWatch(self.kill.clone())
+        CloseWatch(self.shared.clone())
+    }
+}
+
+impl Drop for OutboundQueue {
+    fn drop(&mut self) {
+        // Under the lock, so no push lands after the queue is emptied.
+        let mut items = self.shared.items();
+        self.shared.consumer_gone.store(true, Ordering::Release);
+        *items = VecDeque::new();
     }
 }
 
 /// Watches a connection's close requests (see [`OutboundQueue::close_watch`]).
 #[derive(Debug, Clone)]
-pub struct CloseWatch(Arc<KillSwitch>);
+pub struct CloseWatch(Arc<Shared>);
 
 impl CloseWatch {
     /// Resolves with the close code once a producer asked to close.
@@ -171,13 +249,13 @@ impl CloseWatch {
     }
 }
 
-async fn wait_closed(kill: &KillSwitch) -> u16 {
+async fn wait_closed(shared: &Shared) -> u16 {
     loop {
-        let code = kill.code.load(Ordering::Acquire);
+        let code = shared.code.load(Ordering::Acquire);
         if code != 0 {
             return code;
         }
-        kill.notify.notified().await;
+        shared.closing.notified().await;
     }
 }
 
@@ -355,13 +433,13 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_reply_answers_unavailable() {
-        let (h, mut q) = SessionHandle::channel(4);
+        let (h, q) = SessionHandle::channel(4);
         drop(ReplyTo::new(7, Encoding::Json, h.clone(), None));
-        let (id, r) = reply_of(q.rx.recv().await.expect("a reply"));
+        let (id, r) = reply_of(q.recv().await);
         assert_eq!(id, 7);
         assert!(matches!(r, Err(ChatError::Unavailable(_))));
         ReplyTo::new(8, Encoding::Json, h, None).ok();
-        let (id, r) = reply_of(q.rx.recv().await.expect("a reply"));
+        let (id, r) = reply_of(q.recv().await);
         assert_eq!(id, 8);
         assert!(r.is_ok());
     }
@@ -379,6 +457,61 @@ mod tests {
         // The first code wins.
         h.close(CLOSE_GOING_AWAY);
         assert_eq!(q.closed().await, CLOSE_SLOW_CONSUMER);
+    }
+
+    fn ok_push() -> Outbound {
+        Outbound::Push(SharedPush::new(server_frame::Kind::Ok(proto::v1::Ok {})))
+    }
+
+    #[tokio::test]
+    async fn recv_waits_for_a_push_and_keeps_order() {
+        let (h, q) = SessionHandle::channel(8);
+        let q = Arc::new(q);
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.recv().await }
+        });
+        tokio::task::yield_now().await;
+        ReplyTo::new(1, Encoding::Binary, h.clone(), None).ok();
+        ReplyTo::new(2, Encoding::Binary, h.clone(), None).ok();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("recv woke up")
+            .expect("recv task");
+        assert_eq!(reply_of(first).0, 1);
+        assert_eq!(reply_of(q.try_recv().expect("second")).0, 2);
+        assert!(q.try_recv().is_none());
+    }
+
+    #[test]
+    fn nothing_is_queued_once_the_connection_is_gone() {
+        let (h, q) = SessionHandle::channel(8);
+        assert!(h.push(ok_push()));
+        assert!(!h.is_closed());
+        drop(q);
+        assert!(h.is_closed());
+        assert!(!h.push(ok_push()));
+        assert!(h.shared.items().is_empty());
+    }
+
+    #[test]
+    fn an_idle_queue_owns_no_buffer_and_a_drained_burst_gives_it_back() {
+        let (h, q) = SessionHandle::channel(10_000);
+        assert_eq!(h.shared.items().capacity(), 0);
+        for _ in 0..1_000 {
+            assert!(h.push(ok_push()));
+        }
+        assert!(h.shared.items().capacity() >= 1_000);
+        let mut n = 0;
+        while q.try_recv().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 1_000);
+        assert!(h.shared.items().capacity() <= SHRINK_ABOVE_SLOTS);
+        // A small queue keeps its buffer for the next pushes.
+        assert!(h.push(ok_push()));
+        assert!(q.try_recv().is_some());
+        assert!(h.shared.items().capacity() > 0);
     }
 
     #[test]

@@ -147,8 +147,7 @@ impl Connection {
                         "server going away"
                     });
                 }
-                item = self.queue.rx.recv() => {
-                    let Some(item) = item else { break End::Gone };
+                item = self.queue.recv() => {
                     if self.write_batch(&mut sink, item).await.is_err() {
                         break End::Gone;
                     }
@@ -189,7 +188,7 @@ impl Connection {
         if code != CLOSE_SLOW_CONSUMER {
             // Let queued frames (e.g. a goaway) out first, briefly.
             let _ = tokio::time::timeout(DRAIN_DEADLINE, async {
-                while let Ok(item) = self.queue.rx.try_recv() {
+                while let Some(item) = self.queue.try_recv() {
                     if self.write_batch(sink, item).await.is_err() {
                         break;
                     }
@@ -215,7 +214,7 @@ impl Connection {
     {
         let mut n = self.feed(sink, first).await?;
         while n < MAX_BATCH {
-            let Ok(item) = self.queue.rx.try_recv() else {
+            let Some(item) = self.queue.try_recv() else {
                 break;
             };
             n += self.feed(sink, item).await?;

@@ -23,7 +23,7 @@ fn session(state: &mut RelayState, u: &str, id: u64) -> OutboundQueue {
 
 fn pushes(q: &mut OutboundQueue) -> usize {
     let mut n = 0;
-    while let Ok(o) = q.rx.try_recv() {
+    while let Some(o) = q.try_recv() {
         assert!(matches!(o, Outbound::Push(_)));
         n += 1;
     }
