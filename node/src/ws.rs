@@ -301,3 +301,23 @@ impl Connection {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The memory budget per idle connection (issue 5: at most 10 KB,
+    /// measured 9.4–9.6 KB) relies on ractor's mailbox slots staying small,
+    /// because every actor, the connection's session among them, allocates
+    /// 32 of them when it starts (`vendor/ractor/PATCHED.md`). The registry
+    /// ractor (unpatched), or `message_span_propogation` turned back on (a
+    /// dependency's default features did that once), makes each slot
+    /// 64 bytes or more: 1.3 KB or more per connection.
+    #[test]
+    fn ractor_mailbox_slots_stay_small() {
+        let slot = std::mem::size_of::<ractor::message::BoxedMessage>();
+        assert!(
+            slot <= 24,
+            "ractor's BoxedMessage is {slot} bytes; the patched ractor without \
+             message_span_propogation has 24 (see vendor/ractor/PATCHED.md)"
+        );
+    }
+}
