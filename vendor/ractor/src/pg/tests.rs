@@ -1144,7 +1144,8 @@ fn test_idempotent_membership_calls_preserve_notification_payloads() {
         .try_recv()
         .expect("join notification missing");
     assert!(matches!(
-        first_join,
+        // PATCHED (chat): the supervision port carries boxed events.
+        *first_join,
         SupervisionEvent::ProcessGroupChanged(pg::GroupChangeMessage::Join(_, _, actors))
             if actors.len() == 2 && actors.iter().all(|actor| actor.get_id() == member.get_id())
     ));
@@ -1153,7 +1154,8 @@ fn test_idempotent_membership_calls_preserve_notification_payloads() {
         .try_recv()
         .expect("idempotent join notification missing");
     assert!(matches!(
-        second_join,
+        // PATCHED (chat): the supervision port carries boxed events.
+        *second_join,
         SupervisionEvent::ProcessGroupChanged(pg::GroupChangeMessage::Join(_, _, actors))
             if actors.len() == 1 && actors[0].get_id() == member.get_id()
     ));
@@ -1166,7 +1168,8 @@ fn test_idempotent_membership_calls_preserve_notification_payloads() {
         .try_recv()
         .expect("leave notification missing");
     assert!(matches!(
-        first_leave,
+        // PATCHED (chat): the supervision port carries boxed events.
+        *first_leave,
         SupervisionEvent::ProcessGroupChanged(pg::GroupChangeMessage::Leave(_, _, actors))
             if actors.len() == 2 && actors.iter().all(|actor| actor.get_id() == member.get_id())
     ));
@@ -1175,7 +1178,8 @@ fn test_idempotent_membership_calls_preserve_notification_payloads() {
         .try_recv()
         .expect("idempotent leave notification missing");
     assert!(matches!(
-        second_leave,
+        // PATCHED (chat): the supervision port carries boxed events.
+        *second_leave,
         SupervisionEvent::ProcessGroupChanged(pg::GroupChangeMessage::Leave(_, _, actors))
             if actors.len() == 1 && actors[0].get_id() == member.get_id()
     ));
