@@ -64,10 +64,12 @@ const JOURNAL_SIZE_LIMIT_BYTES: u64 = 64 * 1024 * 1024;
 const STATEMENT_CACHE_CAPACITY: usize = 32;
 /// Page cache of each reader connection, in KiB (SQLite's default is 2 MiB).
 const CACHE_SIZE_KIB: u64 = 8 * 1024;
-/// Page cache of the writer connection, in KiB. Larger: one commit-stage
-/// transaction over many groups dirties a few pages per group, and a cache
-/// smaller than that working set re-reads pages from the WAL on every
-/// transaction. 1,000-group durable appends: 24.1-24.8k/s with 8 MiB,
+/// Page cache of the writer connection, in KiB. The checkpointer's connection
+/// opens the same way and gets it too, but a checkpoint copies WAL frames and
+/// fills only a few pages: the size is a ceiling, not an allocation. Larger
+/// than a reader's: one commit-stage transaction over many groups dirties a
+/// few pages per group, and a cache smaller than that working set re-reads
+/// pages from the WAL on every transaction. 1,000-group durable appends: 24.1-24.8k/s with 8 MiB,
 /// 26.3-28.0k/s with 64 MiB (interleaved runs, docs/benchmarks.md).
 const WRITER_CACHE_SIZE_KIB: u64 = 64 * 1024;
 /// How often the background checkpointer runs.
