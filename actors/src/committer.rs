@@ -5,8 +5,10 @@
 //! stage batches across groups, so a node serving a thousand quiet groups
 //! pays one transaction (one fsync with the embedded store) per round
 //! instead of one per group. Every batch is checked on its own inside the
-//! shared transaction (epoch fence, head, dedupe, member limit) before any
-//! of its writes: a rejected batch writes nothing, and the others commit.
+//! shared transaction (epoch fence, head, member limit, then dedupe, by
+//! inserting its dedupe records where none exist): a rejected batch writes
+//! nothing (dedupe records it inserted are taken back), and the others
+//! commit.
 //!
 //! Presence actors record a last-seen time each time a user goes offline and
 //! wait for it; when many users go offline at once (a node stopping closes
@@ -89,18 +91,21 @@ impl Committer {
         Committer { tx }
     }
 
-    /// Commits one group's batch; resolves once it is durable (or rejected).
-    pub async fn commit(&self, writes: Arc<Writes>) -> Outcome {
+    /// Queues one group's batch (waiting while the stage's queue is full);
+    /// the returned [`Committing`] resolves once it is durable (or
+    /// rejected). Batches are committed in the order they were queued, so a
+    /// group that queues its next batch only after this returns gets its
+    /// batches committed in order.
+    pub async fn submit(&self, writes: Arc<Writes>) -> Committing {
         let (reply, rx) = oneshot::channel();
         let job = Job {
             work: Work::Group(writes),
             reply: Reply::Group(reply),
         };
-        if self.tx.send(job).await.is_err() {
-            return Err(CommitFailure::Storage(stopped()));
+        match self.tx.send(job).await {
+            Ok(()) => Committing(Some(rx)),
+            Err(_) => Committing(None),
         }
-        rx.await
-            .unwrap_or_else(|_| Err(CommitFailure::Storage(stopped())))
     }
 
     /// Records that `user` was last seen at `ms`; resolves once durable.
@@ -112,6 +117,21 @@ impl Committer {
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// A queued batch's outcome, to come (see [`Committer::submit`]).
+pub struct Committing(Option<oneshot::Receiver<Outcome>>);
+
+impl Committing {
+    /// Waits for the transaction that holds the batch.
+    pub async fn outcome(self) -> Outcome {
+        match self.0 {
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(CommitFailure::Storage(stopped()))),
+            None => Err(CommitFailure::Storage(stopped())),
+        }
     }
 }
 
@@ -141,6 +161,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
             .record(works.iter().filter(|w| matches!(w, Work::Group(_))).count() as f64);
         metrics::histogram!("chat_commit_entries_per_txn").record(entries as f64);
         // One outcome per group batch, in job order.
+        let started = std::time::Instant::now();
         let result = store
             .write_with(move |t, m| {
                 let mut outcomes = Vec::new();
@@ -153,6 +174,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                 Ok::<_, TxError<()>>(outcomes)
             })
             .await;
+        metrics::histogram!("chat_commit_txn_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();
@@ -193,40 +215,60 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
 /// Checks one group's batch and, if it passes, writes it. A pure function
 /// of the batch and the transaction, so the whole transaction can be retried.
 fn commit_one(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Outcome, TxError<()>> {
-    match check(t, m, w)? {
-        Ok(None) => {
-            write(t, m, w)?;
-            Ok(Ok(CommitOutcome::Written))
-        }
-        Ok(Some(dups)) => Ok(Ok(CommitOutcome::Duplicates(dups))),
-        Err(rejected) => Ok(Err(rejected)),
+    if let Err(rejected) = check(t, m, w)? {
+        return Ok(Err(rejected));
     }
+    if let Some(dups) = insert_dedupes(t, m, w)? {
+        return Ok(Ok(CommitOutcome::Duplicates(dups)));
+    }
+    write(t, m, w)?;
+    Ok(Ok(CommitOutcome::Written))
 }
 
 type Dups = Vec<(String, String, DedupeRecord)>;
 
-/// Reads only: the fence, the head, retried sends, a concurrent creation,
-/// and the member limit.
+/// The batch's first writes: a dedupe record per send, each inserted only
+/// where none exists, so finding a retried send costs no read of its own.
+/// If some send was committed before (a retry after this actor started),
+/// takes back the records it inserted (none existed before: the batch
+/// writes nothing) and returns the earlier outcomes.
+fn insert_dedupes(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>, storage::Error> {
+    let gid = w.group.as_str();
+    let mut taken = Vec::new();
+    for (i, (u, c, rec)) in w.dedupes.iter().enumerate() {
+        if !m.insert_dedupe(t, gid, u, c, rec)? {
+            taken.push(i);
+        }
+    }
+    if taken.is_empty() {
+        return Ok(None);
+    }
+    let mut dups = Vec::new();
+    for (i, (u, c, _)) in w.dedupes.iter().enumerate() {
+        if taken.contains(&i) {
+            if let Some(rec) = m.dedupe(t, gid, u, c)? {
+                dups.push((u.clone(), c.clone(), rec));
+            }
+        } else {
+            m.clear_dedupe(t, gid, u, c)?;
+        }
+    }
+    Ok(Some(dups))
+}
+
+/// Reads only: the fence, the head, a concurrent creation, and the member
+/// limit (retried sends are found by [`insert_dedupes`]).
 fn check(
     t: &mut dyn Txn,
     m: &Model,
     w: &Writes,
-) -> Result<Result<Option<Dups>, CommitFailure>, storage::Error> {
+) -> Result<Result<(), CommitFailure>, storage::Error> {
     let gid = w.group.as_str();
     if m.epoch(t, gid)? != w.epoch {
         return Ok(Err(CommitFailure::Fenced));
     }
     if m.head(t, gid)? != w.base_head {
         return Ok(Err(CommitFailure::Stale("head moved".into())));
-    }
-    let mut dups = Vec::new();
-    for (u, c, _) in &w.dedupes {
-        if let Some(rec) = m.dedupe(t, gid, u, c)? {
-            dups.push((u.clone(), c.clone(), rec));
-        }
-    }
-    if !dups.is_empty() {
-        return Ok(Ok(Some(dups)));
     }
     if w.create.is_some() && m.meta(t, gid)?.is_some() {
         return Ok(Err(CommitFailure::Stale(
@@ -252,10 +294,10 @@ fn check(
             return Ok(Err(CommitFailure::Stale("member limit disagrees".into())));
         }
     }
-    Ok(Ok(None))
+    Ok(Ok(()))
 }
 
-/// Writes a checked batch.
+/// Writes a checked batch (its dedupe records are in already).
 fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
     let gid = w.group.as_str();
     if let Some(meta) = &w.create {
@@ -280,9 +322,6 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
     }
     for (seq, body) in &w.log {
         m.put_log(t, gid, *seq, body)?;
-    }
-    for (u, c, rec) in &w.dedupes {
-        m.put_dedupe(t, gid, u, c, rec)?;
     }
     for (parent, seq) in &w.threads {
         m.put_thread(t, gid, *parent, *seq)?;

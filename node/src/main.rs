@@ -201,6 +201,19 @@ fn describe_metrics() {
         Unit::Count,
         "Log entries per group commit."
     );
+    describe_histogram!(
+        "chat_commit_txn_seconds",
+        Unit::Seconds,
+        "Time of one commit-stage transaction, fsync included."
+    );
+    describe_counter!(
+        "chat_group_pipelined_commits_total",
+        "Group commits planned while another of the group's was in storage."
+    );
+    describe_counter!(
+        "chat_group_abandoned_commits_total",
+        "Pipelined group commits dropped because the batch ahead held retried sends (replanned)."
+    );
     describe_counter!(
         "chat_relay_deliveries_total",
         "Pushes queued to local sessions."

@@ -41,6 +41,7 @@ const SUITE: &[(&str, Check)] = &[
     ),
     ("panic_rolls_back", panic_rolls_back),
     ("read_only_rejects_writes", read_only_rejects_writes),
+    ("insert_new", insert_new),
     ("range_order_and_bounds", range_order_and_bounds),
     ("range_many_batches", range_many_batches),
     ("clear_range", clear_range),
@@ -314,6 +315,45 @@ fn read_only_rejects_writes(kv: &dyn Kv, p: &[u8]) {
     assert_eq!(t.get(&x).expect("get").as_deref(), Some(&b"v"[..]));
     t.commit().expect("committing a read-only txn just ends it");
     assert_eq!(all(kv, p), vec![(x, b"v".to_vec())]);
+}
+
+fn insert_new(kv: &dyn Kv, p: &[u8]) {
+    let (a, b) = (k(p, b"a"), k(p, b"b"));
+    put(kv, &a, b"old");
+    let seen = run::<_, ()>(kv, |t| {
+        let taken = t.insert_new(&a, b"new")?;
+        let free = t.insert_new(&b, b"1")?;
+        // Its own write holds the key now, for this transaction too.
+        let again = t.insert_new(&b, b"2")?;
+        let mine = t.get(&b)?;
+        t.clear(&b)?;
+        let after_clear = t.insert_new(&b, b"3")?;
+        Ok((taken, free, again, mine, after_clear))
+    })
+    .expect("insert_new");
+    assert_eq!(seen, (false, true, false, Some(b"1".to_vec()), true));
+    assert_eq!(
+        get(kv, &a).as_deref(),
+        Some(&b"old"[..]),
+        "a taken key keeps its value"
+    );
+    assert_eq!(get(kv, &b).as_deref(), Some(&b"3"[..]));
+
+    // Rolled back with the transaction.
+    let c = k(p, b"c");
+    {
+        let mut t = kv.begin(TxMode::ReadWrite).expect("begin");
+        assert!(t.insert_new(&c, b"v").expect("insert_new"));
+    }
+    assert_eq!(get(kv, &c), None, "dropped transaction");
+
+    let mut t = kv.begin(TxMode::ReadOnly).expect("begin");
+    assert!(
+        t.insert_new(&c, b"v").is_err(),
+        "insert_new in a read-only txn"
+    );
+    drop(t);
+    assert_eq!(get(kv, &c), None);
 }
 
 fn range_order_and_bounds(kv: &dyn Kv, p: &[u8]) {

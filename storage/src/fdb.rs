@@ -270,6 +270,18 @@ impl Txn for FdbTxn {
         Ok(())
     }
 
+    fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error> {
+        // FoundationDB has no insert-if-absent: a read (which adds the key
+        // to the read conflict set) then a write, refused up front in a
+        // read-only transaction like every other write.
+        self.check_writable()?;
+        if self.get(key)?.is_some() {
+            return Ok(false);
+        }
+        self.set(key, value)?;
+        Ok(true)
+    }
+
     fn clear(&mut self, key: &[u8]) -> Result<(), Error> {
         self.check_writable()?;
         if key.len() > MAX_KEY_BYTES {

@@ -65,6 +65,11 @@ pub trait Txn {
     fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error>;
     /// Writes a key (fails in a read-only transaction).
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error>;
+    /// Writes `value` at `key` only if the key holds nothing; returns
+    /// `false`, writing nothing, if it does. Fails in a read-only
+    /// transaction. Where the engine can, one lookup instead of a `get`
+    /// and a `set`.
+    fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error>;
     /// Deletes a key.
     fn clear(&mut self, key: &[u8]) -> Result<(), Error>;
     /// Deletes every key with `begin <= key < end`.

@@ -438,19 +438,33 @@ impl Model {
         self.get_record(t, &self.key(&("g", gid, "dedupe", uid, client_msg_id)))
     }
 
-    /// Records the outcome of a send for retries.
-    pub fn put_dedupe(
+    /// Records the outcome of a send unless `(uid, client_msg_id)` already
+    /// has one; `false` (nothing written) when it has, so a retry is found
+    /// by the write itself (one lookup, not a read then a write).
+    pub fn insert_dedupe(
         &self,
         t: &mut dyn Txn,
         gid: &str,
         uid: &str,
         client_msg_id: &str,
         rec: &DedupeRecord,
-    ) -> Result<(), Error> {
-        t.set(
+    ) -> Result<bool, Error> {
+        t.insert_new(
             &self.key(&("g", gid, "dedupe", uid, client_msg_id)),
             &rec.encode_to_vec(),
         )
+    }
+
+    /// Removes the outcome of a send (taking back an [`Self::insert_dedupe`]
+    /// in the same transaction).
+    pub fn clear_dedupe(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        client_msg_id: &str,
+    ) -> Result<(), Error> {
+        t.clear(&self.key(&("g", gid, "dedupe", uid, client_msg_id)))
     }
 
     /// Indexes `seq` as a reply in the thread of `parent`.

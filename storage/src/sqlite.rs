@@ -89,6 +89,8 @@ const SQL_RANGE_REVERSE: &str =
     "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3";
 const SQL_SET: &str = "INSERT INTO kv (key, value) VALUES (?1, ?2) \
     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+const SQL_INSERT_NEW: &str =
+    "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING";
 const SQL_CLEAR: &str = "DELETE FROM kv WHERE key = ?1";
 const SQL_CLEAR_RANGE: &str = "DELETE FROM kv WHERE key >= ?1 AND key < ?2";
 
@@ -280,6 +282,15 @@ impl Txn for SqliteTxn<'_> {
             .prepare_cached(SQL_SET)?
             .execute(params![key, value])?;
         Ok(())
+    }
+
+    fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error> {
+        // One B-tree descent: the row count says whether the key was free.
+        let inserted = self
+            .writable()?
+            .prepare_cached(SQL_INSERT_NEW)?
+            .execute(params![key, value])?;
+        Ok(inserted == 1)
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), Error> {

@@ -2,9 +2,10 @@
 //! writes, validated against the group's committed state.
 //!
 //! Pure logic apart from reading the clock: no storage, no messages. The
-//! group actor calls [`plan`] when no commit is in flight, sends the batch's
-//! [`Writes`] to storage and, once committed, applies its [`Effect`]s and
-//! answers its [`Waiter`]s.
+//! group actor calls [`plan`] when a commit may start (none in flight, or
+//! only ones that change no membership), sends the batch's [`Writes`] to
+//! storage and, once committed, applies its [`Effect`]s and answers its
+//! [`Waiter`]s.
 //!
 //! A batch holds any number of sends and reactions but at most one
 //! membership change (create, add, remove, role, leave), always last, so
@@ -76,6 +77,20 @@ pub enum GroupOp {
         /// The text.
         text: String,
     },
+}
+
+impl GroupOp {
+    /// Whether it may change the membership (and so ends a batch).
+    pub fn changes_membership(&self) -> bool {
+        matches!(
+            self,
+            GroupOp::Create { .. }
+                | GroupOp::AddMembers(_)
+                | GroupOp::RemoveMembers(_)
+                | GroupOp::SetRole { .. }
+                | GroupOp::Leave
+        )
+    }
 }
 
 /// A request waiting for its commit, with every reply handle for it (a
@@ -524,7 +539,12 @@ impl Planner<'_> {
 /// Takes requests from `state.pending` into a batch: every request up to and
 /// including the first membership change, at most [`MAX_SENDS_PER_BATCH`]
 /// sends. Requests that fail validation are answered at once.
-pub fn plan(state: &mut GroupState) -> (Batch, Vec<Waiter>) {
+///
+/// `base_head` is the head the batch starts from: the committed head, or
+/// the head the commits in flight leave. `behind` (commits are in flight)
+/// stops the batch before a membership change instead: that one is planned
+/// once the commits before it have landed, against their member records.
+pub fn plan(state: &mut GroupState, base_head: u64, behind: bool) -> (Batch, Vec<Waiter>) {
     let mut pending = std::mem::take(&mut state.pending);
     let mut waiters = Vec::new();
     let mut planner = Planner {
@@ -534,10 +554,14 @@ pub fn plan(state: &mut GroupState) -> (Batch, Vec<Waiter>) {
     };
     planner.b.writes.group = planner.s.id.to_string();
     planner.b.writes.epoch = planner.s.epoch;
-    planner.b.writes.base_head = planner.s.head;
-    planner.b.writes.head = planner.s.head;
+    planner.b.writes.base_head = base_head;
+    planner.b.writes.head = base_head;
     let mut sends = 0;
     while let Some(mut w) = pending.pop_front() {
+        if behind && w.op.changes_membership() {
+            pending.push_front(w);
+            break;
+        }
         if matches!(w.op, GroupOp::Send(_)) {
             if sends == MAX_SENDS_PER_BATCH {
                 pending.push_front(w);

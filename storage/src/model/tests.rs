@@ -154,17 +154,27 @@ fn members_limit_and_user_index() {
 fn dedupe_threads_reactions_and_last_seen() {
     let (_d, kv) = store();
     let m = Model::new(b"t");
+    let first = DedupeRecord {
+        seq: 5,
+        sent_at_ms: 9,
+    };
+    let retry = DedupeRecord {
+        seq: 6,
+        sent_at_ms: 10,
+    };
+    let inserted = write(&kv, |t| {
+        Ok((
+            m.insert_dedupe(t, "g", "u", "c1", &first)?,
+            // The same send again, in the same transaction: refused.
+            m.insert_dedupe(t, "g", "u", "c1", &retry)?,
+            m.insert_dedupe(t, "g", "u", "taken-back", &retry)?,
+        ))
+    });
+    assert_eq!(inserted, (true, false, true));
     write(&kv, |t| {
-        m.put_dedupe(
-            t,
-            "g",
-            "u",
-            "c1",
-            &DedupeRecord {
-                seq: 5,
-                sent_at_ms: 9,
-            },
-        )?;
+        // A committed record refuses a retry too, and keeps its outcome.
+        assert!(!m.insert_dedupe(t, "g", "u", "c1", &retry)?);
+        m.clear_dedupe(t, "g", "u", "taken-back")?;
         for s in [11, 12, 15] {
             m.put_thread(t, "g", 10, s)?;
         }
@@ -175,6 +185,7 @@ fn dedupe_threads_reactions_and_last_seen() {
     let hit = get(&kv, |t| Ok(m.dedupe(t, "g", "u", "c1")?));
     assert_eq!(hit.map(|d| (d.seq, d.sent_at_ms)), Some((5, 9)));
     assert!(get(&kv, |t| Ok(m.dedupe(t, "g", "other", "c1")?)).is_none());
+    assert!(get(&kv, |t| Ok(m.dedupe(t, "g", "u", "taken-back")?)).is_none());
     assert_eq!(
         get(&kv, |t| Ok(m.thread_seqs(t, "g", 10, 0, 2)?)),
         (vec![11, 12], true)
