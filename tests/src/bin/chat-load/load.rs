@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::net::{Conn, Target, connect_many};
-use crate::pace::{Pacer, per_driver};
+use crate::pace::{Pacer, driver_start, per_driver};
 use crate::plan::{big_group_requests, deal, group_of_user, plan_groups, shuffled, user_id};
 use crate::report::{
     ResultFile, Row, pct, peak_verdict, rate, thousands, verdict_at_least, verdict_at_most,
@@ -183,7 +183,11 @@ pub async fn run_steps(
         let per = per_driver(total, drivers.len());
         let handles: Vec<_> = drivers
             .drain(..)
-            .map(|d| tokio::spawn(drive(d, per, start, end, step, steps.text_len)))
+            .enumerate()
+            .map(|(i, d)| {
+                let first = driver_start(start, total, i);
+                tokio::spawn(drive(d, per, first, end, step, steps.text_len))
+            })
             .collect();
         let mut outs = DriverOut::default();
         for h in handles {

@@ -75,6 +75,18 @@ pub fn per_driver(total: f64, drivers: usize) -> f64 {
     total / drivers.max(1) as f64
 }
 
+/// When driver `i` of a step starts: drivers are staggered by one interval
+/// of the total rate, so their merged sends are evenly spaced at `total`
+/// per second instead of `drivers` sends at once every `drivers / total`
+/// seconds (which made a "2 msg/s" fan-out step four messages at once
+/// every 2 s with four senders).
+pub fn driver_start(start: Instant, total: f64, i: usize) -> Instant {
+    if total <= 0.0 {
+        return start;
+    }
+    start + Duration::from_secs_f64(i as f64 / total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +135,26 @@ mod tests {
         assert_eq!(p.skipped, 951);
         // Back on schedule afterwards.
         assert_eq!(p.take(t0 + Duration::from_millis(1_010)), 10);
+    }
+
+    #[test]
+    fn staggered_drivers_merge_into_one_even_stream() {
+        let start = Instant::now();
+        let (total, drivers) = (8.0, 4);
+        let per = per_driver(total, drivers);
+        let mut due: Vec<Instant> = (0..drivers)
+            .flat_map(|d| {
+                let p = Pacer::new(driver_start(start, total, d), per, 1);
+                (0..5).map(move |i| p.due(i))
+            })
+            .collect();
+        due.sort();
+        for pair in due.windows(2) {
+            let gap = (pair[1] - pair[0]).as_secs_f64();
+            assert!((gap - 1.0 / total).abs() < 1e-6, "gap {gap}");
+        }
+        assert_eq!(due.len(), 20);
+        assert_eq!(driver_start(start, 0.0, 3), start);
     }
 
     #[test]
