@@ -6,32 +6,16 @@
 //! the first one's next commit must fail (UNAVAILABLE) and the log must show
 //! one history with dense seqs and no fork.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use actors::outbound::ReplyTo;
 use actors::{ActorConfig, ChatError, GroupId, Router, Store, UserId};
+use common::{ask, send};
 use proto::v1::{self, client_frame::Kind as Req, server_frame::Kind};
 use storage::model::LogQuery;
 use storage::sqlite::{SqliteKv, SqliteOptions};
-
-async fn ask(router: &Router, group: &GroupId, user: &UserId, req: Req) -> Result<Kind, ChatError> {
-    let (reply, rx) = ReplyTo::oneshot();
-    router.route(group, user, req, reply).await;
-    tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("answered in time")
-        .expect("answered")
-}
-
-fn send(group: &GroupId, cmid: &str) -> Req {
-    Req::Send(v1::Send {
-        group_id: group.to_string(),
-        client_msg_id: cmid.into(),
-        text: format!("text of {cmid}"),
-        ..Default::default()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_owner_cannot_commit() {

@@ -10,20 +10,18 @@
 //! with a batch already planned behind them) answered with their first
 //! outcome. The metrics show that batches did queue behind each other.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use actors::group::PIPELINE_MIN_REQUESTS;
-use actors::outbound::ReplyTo;
 use actors::{ActorConfig, ChatError, GroupId, Router, Store, UserId};
+use common::{Answer, answer, ask, post, send};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use proto::v1::{self, client_frame::Kind as Req, server_frame::Kind};
 use storage::model::LogQuery;
 use storage::sqlite::{SqliteKv, SqliteOptions};
-use tokio::sync::oneshot;
-
-type Answer = oneshot::Receiver<Result<Kind, ChatError>>;
 
 /// One recorder for the test binary (the tests share its counters).
 fn metrics() -> &'static PrometheusHandle {
@@ -41,29 +39,6 @@ fn counter(name: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Queues a request (no wait for the answer).
-async fn post(router: &Router, group: &GroupId, user: &UserId, req: Req) -> Answer {
-    let (reply, rx) = ReplyTo::oneshot();
-    router.route(group, user, req, reply).await;
-    rx
-}
-
-async fn answer(rx: Answer) -> Result<Kind, ChatError> {
-    tokio::time::timeout(Duration::from_secs(30), rx)
-        .await
-        .expect("answered in time")
-        .expect("answered")
-}
-
-fn send(group: &GroupId, cmid: &str) -> Req {
-    Req::Send(v1::Send {
-        group_id: group.to_string(),
-        client_msg_id: cmid.into(),
-        text: format!("text of {cmid}"),
-        ..Default::default()
-    })
 }
 
 fn seq_of(k: Result<Kind, ChatError>) -> u64 {
@@ -84,17 +59,11 @@ async fn router(name: &str, store: &Store) -> Router {
 }
 
 async fn create(router: &Router, owner: &UserId, members: &[&str]) -> GroupId {
-    let rx = post(
-        router,
-        &GroupId::random(),
-        owner,
-        Req::CreateGroup(v1::CreateGroup {
-            name: "pipelined".into(),
-            members: members.iter().map(|m| m.to_string()).collect(),
-        }),
-    )
-    .await;
-    match answer(rx).await {
+    let req = Req::CreateGroup(v1::CreateGroup {
+        name: "pipelined".into(),
+        members: members.iter().map(|m| m.to_string()).collect(),
+    });
+    match ask(router, &GroupId::random(), owner, req).await {
         Ok(Kind::GroupCreated(c)) => GroupId::parse(&c.group_id).expect("valid id"),
         other => panic!("create: {other:?}"),
     }
