@@ -234,23 +234,19 @@ type Dups = Vec<(String, String, DedupeRecord)>;
 /// writes nothing) and returns the earlier outcomes.
 fn insert_dedupes(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>, storage::Error> {
     let gid = w.group.as_str();
-    let mut taken = Vec::new();
-    for (i, (u, c, rec)) in w.dedupes.iter().enumerate() {
-        if !m.insert_dedupe(t, gid, u, c, rec)? {
-            taken.push(i);
-        }
+    let mut inserted = Vec::with_capacity(w.dedupes.len());
+    for (u, c, rec) in &w.dedupes {
+        inserted.push(m.insert_dedupe(t, gid, u, c, rec)?);
     }
-    if taken.is_empty() {
+    if inserted.iter().all(|&i| i) {
         return Ok(None);
     }
     let mut dups = Vec::new();
-    for (i, (u, c, _)) in w.dedupes.iter().enumerate() {
-        if taken.contains(&i) {
-            if let Some(rec) = m.dedupe(t, gid, u, c)? {
-                dups.push((u.clone(), c.clone(), rec));
-            }
-        } else {
+    for ((u, c, _), inserted) in w.dedupes.iter().zip(inserted) {
+        if inserted {
             m.clear_dedupe(t, gid, u, c)?;
+        } else if let Some(rec) = m.dedupe(t, gid, u, c)? {
+            dups.push((u.clone(), c.clone(), rec));
         }
     }
     Ok(Some(dups))

@@ -167,7 +167,7 @@ impl Member {
 ///   the group does not exist (then `epoch` is 0).
 /// - At most [`MAX_COMMITS_IN_FLIGHT`] commits are in flight (`in_flight`,
 ///   in commit order, each based on the head the one before it leaves);
-///   every one but the last is `plain` (changes no membership); `pending`
+///   every one but the last is [`InFlight::plain`]; `pending`
 ///   holds requests not yet planned, in arrival order.
 /// - An `abandoned` flight holds no waiters (they went back to `pending`)
 ///   and cannot commit (the batch before it was not written, so its base
@@ -207,13 +207,23 @@ pub struct GroupState {
     retiring: bool,
 }
 
+impl InFlight {
+    /// Changes no membership: another batch may be planned behind it.
+    fn plain(&self) -> bool {
+        self.writes.create.is_none()
+            && self
+                .batch
+                .effects
+                .iter()
+                .all(|e| matches!(e, Effect::SenderRead(..)))
+    }
+}
+
 /// A commit in flight: what to do once it lands.
 struct InFlight {
     id: u64,
     /// Its result, once reported, while an earlier commit has not reported.
     result: Option<Result<CommitOutcome, CommitFailure>>,
-    /// Changes no membership: another batch may be planned behind it.
-    plain: bool,
     /// The batch before it was not written; its waiters were requeued.
     abandoned: bool,
     writes: Arc<Writes>,
@@ -618,22 +628,20 @@ impl GroupState {
             return true;
         };
         self.in_flight.len() < MAX_COMMITS_IN_FLIGHT
-            && self.in_flight.iter().all(|f| f.plain && !f.abandoned)
+            && self.in_flight.iter().all(|f| f.plain() && !f.abandoned)
             && self.pending.len() >= (last.waiters.len() / 2).max(PIPELINE_MIN_REQUESTS)
     }
 
-    /// The pointer record to write for `m`: its pointers in memory, and
-    /// never below what a commit in flight writes for it (memory catches up
-    /// with a commit's sender pointers only when it lands).
-    fn pointer_record(&self, user: &UserId, m: &Member) -> MemberRecord {
-        let mut rec = m.record();
-        for f in &self.in_flight {
-            if let Some((_, r)) = f.writes.pointers.iter().find(|(u, _)| u == user.as_str()) {
-                rec.delivered_seq = rec.delivered_seq.max(r.delivered_seq);
-                rec.read_seq = rec.read_seq.max(r.read_seq);
-            }
+    /// The highest `(delivered, read)` pointers the commits in flight write,
+    /// by member. Memory catches up with a commit's sender pointers only when
+    /// it lands, so a record written behind it must not go below them.
+    fn pointers_ahead(&self) -> HashMap<String, (u64, u64)> {
+        let mut ahead: HashMap<String, (u64, u64)> = HashMap::new();
+        for (u, r) in self.in_flight.iter().flat_map(|f| f.writes.pointers.iter()) {
+            let p = ahead.entry(u.clone()).or_default();
+            *p = (p.0.max(r.delivered_seq), p.1.max(r.read_seq));
         }
-        rec
+        ahead
     }
 
     /// Starts a commit if one may start (see [`Self::can_plan`]) and there
@@ -660,10 +668,19 @@ impl GroupState {
         }
         let mut flushed = HashSet::new();
         let mut pointers: HashMap<UserId, MemberRecord> = HashMap::new();
+        let ahead = self.pointers_ahead();
+        let record = |u: &UserId, m: &Member| {
+            let mut rec = m.record();
+            if let Some(&(delivered, read)) = ahead.get(u.as_str()) {
+                rec.delivered_seq = rec.delivered_seq.max(delivered);
+                rec.read_seq = rec.read_seq.max(read);
+            }
+            rec
+        };
         let pointer_waiters = if with_pointers {
             for u in std::mem::take(&mut self.dirty) {
                 if let Some(m) = self.members.get(&u) {
-                    pointers.insert(u.clone(), self.pointer_record(&u, m));
+                    pointers.insert(u.clone(), record(&u, m));
                     flushed.insert(u);
                 }
             }
@@ -679,7 +696,7 @@ impl GroupState {
             {
                 let rec = pointers.entry(u.clone()).or_insert_with(|| {
                     sender_pointers.insert(u.clone());
-                    self.pointer_record(u, m)
+                    record(u, m)
                 });
                 rec.read_seq = rec.read_seq.max(*seq);
                 rec.delivered_seq = rec.delivered_seq.max(*seq);
@@ -689,11 +706,6 @@ impl GroupState {
             .into_iter()
             .map(|(u, r)| (u.to_string(), r))
             .collect();
-        let plain = batch.writes.create.is_none()
-            && batch
-                .effects
-                .iter()
-                .all(|e| matches!(e, Effect::SenderRead(..)));
         let writes = batch.shared_writes();
         let committer = self.router.committer().clone();
         let me = myself.clone();
@@ -721,7 +733,6 @@ impl GroupState {
         self.in_flight.push_back(InFlight {
             id,
             result: None,
-            plain,
             abandoned: false,
             writes,
             batch,
