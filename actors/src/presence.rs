@@ -116,7 +116,13 @@ impl Dormant {
     fn note(&mut self, session: SessionAddr, at: Instant) {
         match self.sessions.iter_mut().find(|(s, _)| *s == session) {
             Some((_, t)) => *t = (*t).max(at),
-            None => self.sessions.push((session, at)),
+            None => {
+                // Grown one slot at a time: nearly every user has one
+                // session, and a first push would reserve four (a record
+                // per idle connection: 48 bytes instead of 192).
+                self.sessions.reserve_exact(1);
+                self.sessions.push((session, at));
+            }
         }
     }
 

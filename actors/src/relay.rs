@@ -260,12 +260,11 @@ impl Actor for Relay {
                 state
                     .sessions
                     .insert(session, (handle.clone(), Some(actor)));
-                state
-                    .users
-                    .entry(user)
-                    .or_default()
-                    .sessions
-                    .push((session, handle));
+                let sessions = &mut state.users.entry(user).or_default().sessions;
+                // One slot at a time (a user has a device or two; a first
+                // push would reserve four, per idle connection).
+                sessions.reserve_exact(1);
+                sessions.push((session, handle));
             }
             RelayMessage::Unregister { user, session } => state.unregister(&user, session),
             RelayMessage::Attach { user, groups } => {
