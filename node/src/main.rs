@@ -96,9 +96,10 @@ enum Command {
 /// connection's task is committed on the storage thread and freed by a
 /// group actor), and glibc's arenas then contend on their locks (seen in
 /// `perf` as futex wake-ups under `malloc`/`realloc`). Measured on this
-/// machine, interleaved: durable appends +20-30% (one group and 1,000
-/// groups); idle connections 9.7-10.0 KB each instead of 9.4 KB (size-class
-/// rounding); fan-out unchanged (docs/benchmarks.md, round 6).
+/// machine, interleaved: durable appends +25% into one group, +9-28% over
+/// 1,000 groups; idle connections 9.5-10.3 KB each instead of 9.4 KB
+/// (size-class rounding, thread caches); fan-out unchanged
+/// (docs/benchmarks.md, round 6).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
