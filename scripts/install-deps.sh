@@ -15,7 +15,10 @@ set -euo pipefail
 # libclang-dev: bindgen (foundationdb-sys, feature `fdb`) loads libclang.so to
 # parse fdb_c.h. The `clang` driver is not needed: bindgen produced identical
 # bindings without it (checked on Debian 12).
-PACKAGES=(libclang-dev)
+# make: tikv-jemalloc-sys builds jemalloc (the node's allocator) with its
+# own configure script and make; present on these machines, listed so a
+# leaner image still builds.
+PACKAGES=(libclang-dev make)
 
 # Installed and configured (a removed package can still be known to dpkg,
 # with "Status: deinstall ok config-files").
