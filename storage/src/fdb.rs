@@ -52,6 +52,9 @@ pub const MAX_VALUE_BYTES: usize = 100_000;
 /// Every transaction fails with [`Error::Timeout`] after this long (set as
 /// the database's default transaction timeout).
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Transactions of each mode a process runs at once (each holds a thread
+/// that waits on the client library's futures).
+pub const FDB_PARALLELISM: usize = 64;
 
 /// FoundationDB error codes this module treats specially.
 mod code {
@@ -189,6 +192,12 @@ impl Kv for FdbKv {
 
     fn engine(&self) -> &'static str {
         "foundationdb"
+    }
+
+    /// A transaction's thread mostly waits for the network: many may run
+    /// at once (FoundationDB itself bounds nothing per client).
+    fn parallelism(&self, _mode: TxMode) -> usize {
+        FDB_PARALLELISM
     }
 }
 

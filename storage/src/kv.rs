@@ -85,6 +85,11 @@ pub trait Kv: Send + Sync + 'static {
     fn begin(&self, mode: TxMode) -> Result<Box<dyn Txn + '_>, Error>;
     /// The engine's name, for logs and metrics.
     fn engine(&self) -> &'static str;
+    /// How many transactions of `mode` this process can usefully run at
+    /// once (at least 1). More only wait inside the engine, each holding a
+    /// blocked thread: callers that run transactions on a thread pool
+    /// should queue the rest without a thread (the `actors` crate does).
+    fn parallelism(&self, mode: TxMode) -> usize;
 }
 
 /// How many times [`run`] and [`read`] retry a conflict before giving up.

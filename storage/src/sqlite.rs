@@ -218,6 +218,14 @@ impl Kv for SqliteKv {
     fn engine(&self) -> &'static str {
         "sqlite"
     }
+
+    /// The connections of each pool: one writer, `readers` readers.
+    fn parallelism(&self, mode: TxMode) -> usize {
+        match mode {
+            TxMode::ReadWrite => self.writer.size,
+            TxMode::ReadOnly => self.readers.size,
+        }
+    }
 }
 
 /// One open transaction on a connection taken from `pool`.
@@ -333,6 +341,8 @@ impl Drop for SqliteTxn<'_> {
 struct Pool {
     /// For error messages.
     name: &'static str,
+    /// How many connections it holds (idle or taken).
+    size: usize,
     /// Connections not in use, all in autocommit mode.
     idle: Mutex<Vec<Connection>>,
     /// Signalled when a connection is put back.
@@ -343,6 +353,7 @@ impl Pool {
     fn new(name: &'static str, conns: Vec<Connection>) -> Pool {
         Pool {
             name,
+            size: conns.len(),
             idle: Mutex::new(conns),
             returned: Condvar::new(),
         }
