@@ -23,7 +23,7 @@ async fn a_stale_owner_cannot_commit() {
     let kv = Arc::new(
         SqliteKv::open(&dir.path().join("chat.db"), SqliteOptions::default()).expect("open"),
     );
-    let store = Store::new(kv.clone());
+    let store = Store::new(kv.clone()).expect("store");
     let a = Router::start("fence-a", store.clone(), ActorConfig::default())
         .await
         .expect("node a");

@@ -89,7 +89,7 @@ async fn log(store: &Store, group: &GroupId) -> Vec<(u64, v1::Message)> {
 
 fn open(dir: &tempfile::TempDir) -> Store {
     let kv = SqliteKv::open(&dir.path().join("chat.db"), SqliteOptions::default()).expect("open");
-    Store::new(Arc::new(kv))
+    Store::new(Arc::new(kv)).expect("store")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,7 @@
-//! The store's turns: at most `Kv::parallelism` transactions of each mode
-//! run at once, the rest wait as futures, and reads and writes wait apart.
-//!
-//! The runtime here caps its blocking pool the way `chat-node` does (the
-//! engine's parallelism plus two), so a write queued behind a burst of
-//! reads in one shared queue would show up as a write that finishes last.
+//! The store's lanes: at most `Kv::parallelism` transactions of each mode
+//! run at once, the rest wait in order, and reads and writes wait apart (a
+//! write queued behind a burst of reads would finish after nearly all of
+//! them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,11 +26,10 @@ fn reads_are_bounded_and_writes_do_not_wait_behind_them() {
     assert_eq!((readers, writers), (SqliteOptions::default().readers, 1));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(readers + writers + 2)
         .enable_all()
         .build()
         .expect("runtime");
-    let store = Store::new(kv);
+    let store = Store::new(kv).expect("store");
 
     runtime.block_on(async move {
         let running = Arc::new(AtomicUsize::new(0));
@@ -91,4 +88,37 @@ fn reads_are_bounded_and_writes_do_not_wait_behind_them() {
             .expect("read back");
         assert_eq!(value.as_deref(), Some(&b"1"[..]));
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_transaction_is_an_error_and_its_lane_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kv = Arc::new(
+        SqliteKv::open(&dir.path().join("chat.db"), SqliteOptions::default()).expect("open"),
+    );
+    let readers = kv.parallelism(TxMode::ReadOnly);
+    let store = Store::new(kv).expect("store");
+    // More panics than the lanes have threads: a lost thread would leave
+    // the last reads below waiting forever.
+    for _ in 0..readers + 1 {
+        let err = store
+            .read(|_t, _m| -> actors::store::TxResult<()> { panic!("a bug in a read") })
+            .await
+            .expect_err("a panic is an error");
+        assert!(err.to_string().contains("panicked"), "{err}");
+        let err = store
+            .write(|_t, _m| -> actors::store::TxResult<()> { panic!("a bug in a write") })
+            .await
+            .expect_err("a panic is an error");
+        assert!(err.to_string().contains("panicked"), "{err}");
+    }
+    store
+        .write(|t, _m| Ok(t.set(b"lane/after", b"ok")?))
+        .await
+        .expect("write after the panics");
+    let value = store
+        .read(|t, _m| Ok(t.get(b"lane/after")?))
+        .await
+        .expect("read after the panics");
+    assert_eq!(value.as_deref(), Some(&b"ok"[..]));
 }

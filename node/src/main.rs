@@ -148,13 +148,11 @@ fn main() -> anyhow::Result<()> {
             }
             config.validate()?;
             init_logging();
-            let kv = open_storage(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("chat-node")
-                .max_blocking_threads(blocking_threads(&*kv))
                 .build()?;
-            runtime.block_on(run(config, kv))
+            runtime.block_on(run(config))
         }
     }
 }
@@ -274,23 +272,13 @@ fn cluster_runtime() -> anyhow::Result<tokio::runtime::Handle> {
     Ok(handle)
 }
 
-/// Threads of tokio's blocking pool. Only storage transactions run there,
-/// and `actors::store` runs at most [`Kv::parallelism`] of each mode at
-/// once, so that many threads plus two spare (a finishing transaction's
-/// thread is not idle yet when the next one is handed over) never keep a
-/// transaction waiting for a thread. Without the cap a 10,000-session
-/// connect burst left 23-55 idle threads behind (measured), each with its
-/// own stack and allocator caches.
-fn blocking_threads(kv: &dyn Kv) -> usize {
-    kv.parallelism(storage::TxMode::ReadWrite) + kv.parallelism(storage::TxMode::ReadOnly) + 2
-}
-
-async fn run(config: Config, kv: Arc<dyn Kv>) -> anyhow::Result<()> {
+async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe_metrics();
-    let store = Store::new(kv);
+    let kv = open_storage(&config)?;
+    let store = Store::new(kv).context("starting the storage threads")?;
     info!(node = %config.node.name, engine = store.engine(), "storage open");
     // In a cluster, membership (ractor_cluster's links, the port, the
     // failure detector) runs on its own thread: a storm of client

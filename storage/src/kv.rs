@@ -87,8 +87,8 @@ pub trait Kv: Send + Sync + 'static {
     fn engine(&self) -> &'static str;
     /// How many transactions of `mode` this process can usefully run at
     /// once (at least 1). More only wait inside the engine, each holding a
-    /// blocked thread: callers that run transactions on a thread pool
-    /// should queue the rest without a thread (the `actors` crate does).
+    /// blocked thread: callers should queue the rest without a thread (the
+    /// `actors` crate runs this many threads per mode).
     fn parallelism(&self, mode: TxMode) -> usize;
 }
 
