@@ -17,7 +17,7 @@
 //!
 //! Who talks to it: group actors, through [`Committer::commit`], and
 //! presence actors, through [`Committer::last_seen`]. It runs storage on
-//! the blocking pool and never holds more than [`MAX_JOBS`] jobs or
+//! the store's write lane and never holds more than [`MAX_JOBS`] jobs or
 //! [`MAX_ENTRIES`] log entries in one transaction; its queue is bounded
 //! ([`QUEUE`]), so a flood of commits slows the writers down instead of
 //! growing memory.

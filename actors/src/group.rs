@@ -15,7 +15,7 @@
 //! are answered `UNAVAILABLE` by their [`ReplyTo`] handles, and a retried
 //! `send` is deduplicated by its `clientMsgId`.
 //!
-//! What it must not do: block (storage runs on the blocking pool and reports
+//! What it must not do: block (storage runs on the store's lanes and reports
 //! back with [`GroupMessage::Committed`]), reply before a commit, or keep
 //! running after a commit failed (its view may be stale: it stops and the
 //! next request reloads).

@@ -7,9 +7,9 @@
 //! closure may run several times, so it must have no side effects beyond the
 //! transaction (do those after `run` returns).
 //!
-//! All calls block the calling thread. Async code calls them from
-//! `tokio::task::spawn_blocking` (the `actors` crate does), never from a
-//! runtime worker.
+//! All calls block the calling thread. Async code calls them from threads
+//! of its own (the `actors` crate runs [`Kv::parallelism`] per mode), never
+//! from a runtime worker.
 //!
 //! Keys are compared as unsigned bytes. Engines: [`crate::sqlite`] (embedded,
 //! the default) and `crate::fdb` (feature `fdb`).
