@@ -16,6 +16,7 @@
 #   PORT                  node port (default 18080); 127.0.0.1 only
 #   OUT                   where result JSON, node logs and table.md go
 #                         (default target/bench-results/<timestamp>)
+#   CALIBRATE=0           skip the 3 s calibration run (see below)
 #   CPORT                 first cluster node's HTTP port (default 18181; node i
 #                         uses CPORT+i-1 and cluster port CPORT+1000+i-1)
 #   BIG=1                 scenario 5 also runs BIG_N idle connections over a
@@ -263,6 +264,19 @@ add() { [[ -f $OUT/$1.json ]] && FILES+=("$OUT/$1.json"); return 0; }
 
 T0=$(date +%s)
 log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn); $(nproc) cores"
+
+# Calibration: the speed of this machine changes by up to 2x from one hour
+# to the next (docs/benchmarks.md, rounds 6 and 7), so every run first
+# measures one fixed, short workload; its row ("calibration") says how
+# fast the machine was when the table was made. Tables compare only when
+# their calibration rows do. CALIBRATE=0 skips it.
+if [[ ${CALIBRATE:-1} != 0 ]]; then
+    start_node calibration full
+    load calibration durable --groups 1 --senders 2 --window 1024 --secs 3 \
+        --label "sync=full, calibration"
+    stop_node
+    add calibration
+fi
 
 if want 1; then
     if [[ -n $QUICK ]]; then
