@@ -15,7 +15,7 @@
 //! all its clients, a peer crashes with its sessions), those writes share
 //! the same few transactions instead of one commit (one fsync) each.
 //!
-//! Who talks to it: group actors, through [`Committer::commit`], and
+//! Who talks to it: group actors, through [`Committer::submit`], and
 //! presence actors, through [`Committer::last_seen`]. It runs storage on
 //! the store's write lane and never holds more than [`MAX_JOBS`] jobs or
 //! [`MAX_ENTRIES`] log entries in one transaction; its queue is bounded

@@ -167,7 +167,7 @@ impl Member {
 ///   the group does not exist (then `epoch` is 0).
 /// - At most [`MAX_COMMITS_IN_FLIGHT`] commits are in flight (`in_flight`,
 ///   in commit order, each based on the head the one before it leaves);
-///   every one but the last is [`InFlight::plain`]; `pending`
+///   every one but the last is plain (`InFlight::plain`); `pending`
 ///   holds requests not yet planned, in arrival order.
 /// - An `abandoned` flight holds no waiters (they went back to `pending`)
 ///   and cannot commit (the batch before it was not written, so its base

@@ -12,7 +12,7 @@
 //!
 //! What it must not do: block or await anything while handling a message
 //! (it only `try_send`s into bounded connection queues), or trust a stale
-//! group list over a newer removal (see [`LocalUser::removed`]).
+//! group list over a newer removal (see `LocalUser::removed`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -27,7 +27,7 @@
 //!   the writer's `COMMIT` (SQLite's default auto-checkpoint): they cost the
 //!   writer ~15% of its time in a many-group append profile. `PASSIVE`
 //!   checkpoints never block; if the WAL still grows past
-//!   [`WAL_RESTART_PAGES`] (a writer that never pauses), a `RESTART`
+//!   `WAL_RESTART_PAGES` (a writer that never pauses), a `RESTART`
 //!   checkpoint waits for the writer once and lets the WAL start over.
 //!
 //! What it must not do: hold a connection inside a transaction after the
