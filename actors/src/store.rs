@@ -6,11 +6,12 @@
 //! - Reads and writes queue apart, so a commit never waits behind a burst
 //!   of reads (10,000 sessions connecting, each reading its groups).
 //! - The thread count is fixed. tokio's blocking pool, used before, grew one
-//!   thread per waiting transaction: 23-119 threads after a 10,000-session
+//!   thread per waiting transaction: 31-119 threads after a 10,000-session
 //!   connect burst, parked on the engine's four reader connections, each
 //!   with its own stack and allocator caches (measured: ~0.4 KB per
 //!   connection at 10,000). Gating that pool with semaphores cost more than
-//!   it saved at 19,000 (each permit hand-off waits for a runtime worker).
+//!   it saved at 19,000 (measured; likely because each permit hand-off
+//!   waits for a runtime worker).
 //!
 //! Who talks to it: actors (group creation and activation, the commit
 //! stage, sessions' and presences' reads). What it must not do: run
@@ -45,7 +46,8 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A fixed set of threads running one mode's transactions in arrival order.
 ///
 /// Invariant: the threads live until every sender (every clone of the
-/// [`Store`]) is gone, then finish the queue and exit.
+/// [`Store`]; queued jobs hold only the engine and the model) is gone, then
+/// finish the queue and exit.
 struct Lane {
     jobs: mpsc::Sender<Job>,
 }
@@ -150,9 +152,9 @@ impl Store {
         E: Send + 'static,
         F: FnMut(&mut dyn Txn, &Model) -> Result<T, TxError<E>> + Send + 'static,
     {
-        let this = self.clone();
+        let (kv, model) = (self.kv.clone(), self.model.clone());
         self.writes
-            .run(move || storage::run(&*this.kv, |t| f(t, &this.model)))
+            .run(move || storage::run(&*kv, |t| f(t, &model)))
             .await?
     }
 
@@ -162,9 +164,9 @@ impl Store {
         T: Send + 'static,
         F: FnMut(&mut dyn Txn, &Model) -> TxResult<T> + Send + 'static,
     {
-        let this = self.clone();
+        let (kv, model) = (self.kv.clone(), self.model.clone());
         self.reads
-            .run(move || storage::read(&*this.kv, |t| f(t, &this.model)))
+            .run(move || storage::read(&*kv, |t| f(t, &model)))
             .await?
             .map_err(ChatError::from)
     }

@@ -196,8 +196,8 @@ impl Kv for FdbKv {
         "foundationdb"
     }
 
-    /// A transaction's thread mostly waits for the network: many may run
-    /// at once (FoundationDB itself bounds nothing per client).
+    /// [`FDB_PARALLELISM`] of each mode: a transaction's thread mostly
+    /// waits for the network, and the client bounds nothing itself.
     fn parallelism(&self, _mode: TxMode) -> usize {
         FDB_PARALLELISM
     }
