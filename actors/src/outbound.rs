@@ -15,15 +15,23 @@
 //! for its queue, where a tokio channel allocates its first 32-slot block
 //! and a cache-padded header (~1.3 KB) up front. That matters at one queue
 //! per connection (issue 5's memory budget per idle connection).
+//!
+//! The connection task waits for "a frame or a close request" on one
+//! [`AtomicWaker`] ([`OutboundQueue::next_event`]): a fan-out wakes every
+//! recipient's task once per push, and two `Notify`s (one per kind of
+//! event) cost each wake-up two waiter-list registrations and removals
+//! under their mutexes (docs/benchmarks.md, round 8).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use proto::Encoding;
 use proto::v1::{ServerFrame, server_frame};
-use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::error::{ChatError, ChatResult};
 
@@ -97,21 +105,21 @@ const SHRINK_ABOVE_SLOTS: usize = 256;
 ///
 /// Invariants: `items` never holds more than `capacity` items; once
 /// `consumer_gone` is set nothing is queued any more and `items` is empty;
-/// `code` changes at most once, from 0.
+/// `code` changes at most once, from 0; every change of `items` or `code`
+/// by a producer is followed by a wake of `waiter`.
 #[derive(Debug)]
 struct Shared {
     /// Queued frames, oldest first.
     items: Mutex<VecDeque<Outbound>>,
     /// Most frames queued at once.
     capacity: usize,
-    /// Wakes the connection task when a frame is queued.
-    queued: Notify,
+    /// The connection task, while it waits for a frame or a close request
+    /// (one waiting task at a time: the queue has one consumer).
+    waiter: AtomicWaker,
     /// The connection task dropped its side.
     consumer_gone: AtomicBool,
     /// 0 while the connection may live; otherwise the close code to use.
     code: AtomicU16,
-    /// Wakes close watchers when `code` is set.
-    closing: Notify,
 }
 
 impl Shared {
@@ -142,10 +150,9 @@ impl SessionHandle {
         let shared = Arc::new(Shared {
             items: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
-            queued: Notify::new(),
+            waiter: AtomicWaker::new(),
             consumer_gone: AtomicBool::new(false),
             code: AtomicU16::new(0),
-            closing: Notify::new(),
         });
         (
             SessionHandle {
@@ -171,9 +178,9 @@ impl SessionHandle {
             }
             items.push_back(item);
         }
-        // One consumer: a stored permit wakes its next wait if it is not
-        // waiting now.
-        shared.queued.notify_one();
+        // A consumer not waiting now sees the frame when it next looks
+        // (it registers, then looks again: see `OutboundQueue::poll_until`).
+        shared.waiter.wake();
         true
     }
 
@@ -185,7 +192,7 @@ impl SessionHandle {
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
-            self.shared.closing.notify_one();
+            self.shared.waiter.wake();
         }
     }
 
@@ -196,16 +203,55 @@ impl SessionHandle {
     }
 }
 
+/// What the connection task waits for ([`OutboundQueue::next_event`]).
+#[derive(Debug)]
+pub enum Event {
+    /// A producer asked to close with this code (reported before any
+    /// queued frame: the connection decides what to let out first).
+    Close(u16),
+    /// The oldest queued frame.
+    Item(Outbound),
+}
+
 impl OutboundQueue {
-    /// The oldest queued frame, waiting for one if there is none.
-    pub async fn recv(&self) -> Outbound {
-        loop {
-            if let Some(item) = self.try_recv() {
-                return item;
-            }
-            // A frame pushed between the check and this wait left a permit.
-            self.shared.queued.notified().await;
+    /// Waits until `check` finds something. Registers the task's waker
+    /// before looking a second time, so a push or close that lands between
+    /// the two looks wakes it (producers change state, then wake).
+    fn poll_until<T>(&self, cx: &mut Context<'_>, check: impl Fn(&Self) -> Option<T>) -> Poll<T> {
+        if let Some(v) = check(self) {
+            return Poll::Ready(v);
         }
+        self.shared.waiter.register(cx.waker());
+        match check(self) {
+            Some(v) => Poll::Ready(v),
+            None => Poll::Pending,
+        }
+    }
+
+    fn close_code(&self) -> Option<u16> {
+        match self.shared.code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    /// A close request if there is one, else the oldest queued frame,
+    /// waiting for either. One task waits on a queue at a time.
+    pub async fn next_event(&self) -> Event {
+        std::future::poll_fn(|cx| {
+            self.poll_until(cx, |q| {
+                q.close_code()
+                    .map(Event::Close)
+                    .or_else(|| q.try_recv().map(Event::Item))
+            })
+        })
+        .await
+    }
+
+    /// The oldest queued frame, waiting for one if there is none (close
+    /// requests are not looked at).
+    pub async fn recv(&self) -> Outbound {
+        std::future::poll_fn(|cx| self.poll_until(cx, Self::try_recv)).await
     }
 
     /// The oldest queued frame, if any.
@@ -220,12 +266,7 @@ impl OutboundQueue {
 
     /// Resolves with the close code once a producer asked to close.
     pub async fn closed(&self) -> u16 {
-        wait_closed(&self.shared).await
-    }
-
-    /// A watcher of close requests that does not borrow the queue.
-    pub fn close_watch(&self) -> CloseWatch {
-        CloseWatch(self.shared.clone())
+        std::future::poll_fn(|cx| self.poll_until(cx, Self::close_code)).await
     }
 }
 
@@ -235,27 +276,6 @@ impl Drop for OutboundQueue {
         let mut items = self.shared.items();
         self.shared.consumer_gone.store(true, Ordering::Release);
         *items = VecDeque::new();
-    }
-}
-
-/// Watches a connection's close requests (see [`OutboundQueue::close_watch`]).
-#[derive(Debug, Clone)]
-pub struct CloseWatch(Arc<Shared>);
-
-impl CloseWatch {
-    /// Resolves with the close code once a producer asked to close.
-    pub async fn closed(&self) -> u16 {
-        wait_closed(&self.0).await
-    }
-}
-
-async fn wait_closed(shared: &Shared) -> u16 {
-    loop {
-        let code = shared.code.load(Ordering::Acquire);
-        if code != 0 {
-            return code;
-        }
-        shared.closing.notified().await;
     }
 }
 
@@ -481,6 +501,46 @@ mod tests {
         assert_eq!(reply_of(first).0, 1);
         assert_eq!(reply_of(q.try_recv().expect("second")).0, 2);
         assert!(q.try_recv().is_none());
+    }
+
+    #[tokio::test]
+    async fn next_event_wakes_on_a_close_and_puts_it_before_queued_frames() {
+        let (h, q) = SessionHandle::channel(8);
+        let q = Arc::new(q);
+        // A waiting task is woken by a push...
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.next_event().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(h.push(ok_push()));
+        let first = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("a push wakes the waiter")
+            .expect("waiter task");
+        assert!(matches!(first, Event::Item(Outbound::Push(_))));
+        // ...and by a close request alone.
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.next_event().await }
+        });
+        tokio::task::yield_now().await;
+        h.close(CLOSE_GOING_AWAY);
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("a close wakes the waiter")
+            .expect("waiter task");
+        assert!(matches!(closed, Event::Close(CLOSE_GOING_AWAY)));
+        // A close comes first even with frames queued, which stay queued
+        // for the connection to let out.
+        let (h, q) = SessionHandle::channel(8);
+        assert!(h.push(ok_push()));
+        h.close(CLOSE_GOING_AWAY);
+        assert!(matches!(
+            q.next_event().await,
+            Event::Close(CLOSE_GOING_AWAY)
+        ));
+        assert!(q.try_recv().is_some());
     }
 
     #[test]

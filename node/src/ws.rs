@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actors::outbound::{
-    CLOSE_SLOW_CONSUMER, CloseWatch, Outbound, OutboundQueue, ReplyTo, SessionHandle,
+    CLOSE_SLOW_CONSUMER, Event, Outbound, OutboundQueue, ReplyTo, SessionHandle,
 };
 use actors::session::{Session, SessionArgs, SessionMessage};
 use actors::{ChatError, Router, UserId};
@@ -97,7 +97,6 @@ pub async fn serve<S>(
     metrics::gauge!("chat_connections").increment(1.0);
     let mut conn = Connection {
         handle,
-        close: queue.close_watch(),
         queue,
         session: session.clone(),
         in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
@@ -114,7 +113,6 @@ pub async fn serve<S>(
 struct Connection {
     handle: SessionHandle,
     queue: OutboundQueue,
-    close: CloseWatch,
     session: ActorRef<SessionMessage>,
     in_flight: Arc<Semaphore>,
     /// Encoding of pushes.
@@ -140,18 +138,22 @@ impl Connection {
         let end = loop {
             tokio::select! {
                 biased;
-                code = self.close.closed() => {
-                    break End::Close(code, if code == CLOSE_SLOW_CONSUMER {
-                        "too slow: reconnect and sync"
-                    } else {
-                        "server going away"
-                    });
-                }
-                item = self.queue.recv() => {
-                    if self.write_batch(&mut sink, item).await.is_err() {
-                        break End::Gone;
+                // A close request comes before queued frames (see
+                // `close_with` for what is still let out).
+                event = self.queue.next_event() => match event {
+                    Event::Close(code) => {
+                        break End::Close(code, if code == CLOSE_SLOW_CONSUMER {
+                            "too slow: reconnect and sync"
+                        } else {
+                            "server going away"
+                        });
                     }
-                }
+                    Event::Item(item) => {
+                        if self.write_batch(&mut sink, item).await.is_err() {
+                            break End::Gone;
+                        }
+                    }
+                },
                 frame = stream.next() => {
                     match frame {
                         None => break End::Gone,
@@ -281,7 +283,7 @@ impl Connection {
                 Ok(p) => p,
                 Err(_) => return Some(End::Gone),
             },
-            code = self.close.closed() => return Some(End::Close(code, "closing")),
+            code = self.queue.closed() => return Some(End::Close(code, "closing")),
         };
         let reply = ReplyTo::new(frame.id, encoding, self.handle.clone(), Some(permit));
         if let Err(e) = self.session.cast(SessionMessage::Request { kind, reply }) {
