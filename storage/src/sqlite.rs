@@ -66,12 +66,23 @@ const STATEMENT_CACHE_CAPACITY: usize = 32;
 const CACHE_SIZE_KIB: u64 = 8 * 1024;
 /// Page cache of the writer connection, in KiB. The checkpointer's connection
 /// opens the same way and gets it too, but a checkpoint copies WAL frames and
-/// fills only a few pages: the size is a ceiling, not an allocation. Larger
-/// than a reader's: one commit-stage transaction over many groups dirties a
-/// few pages per group, and a cache smaller than that working set re-reads
-/// pages from the WAL on every transaction. 1,000-group durable appends: 24.1-24.8k/s with 8 MiB,
-/// 26.3-28.0k/s with 64 MiB (interleaved runs, docs/benchmarks.md).
-const WRITER_CACHE_SIZE_KIB: u64 = 64 * 1024;
+/// fills only a few pages: the size is a ceiling, not an allocation.
+///
+/// Larger than a reader's: one commit-stage transaction over many groups
+/// dirties a few pages per group, and a cache smaller than that working set
+/// re-reads pages on every transaction (1,000-group durable appends:
+/// 24.1-24.8k/s with 8 MiB, 26.3-28.0k/s with 64 MiB; 16 MiB already reads
+/// ~1 page more per message, 24 MiB no more than 64).
+///
+/// But not larger than that: SQLite scans the whole page cache at the end of
+/// almost every write transaction. A B-tree rebalance gives a page the
+/// temporary number of the lock page (1 GiB / page size + 1) while it sorts
+/// page numbers, which raises the cache's highest page number past the end
+/// of any file under 1 GiB, and the commit's truncation of the cache back to
+/// the file's size then walks every cached page (`pcache1TruncateUnsafe`).
+/// One-group durable appends: 5.9% of the node's CPU samples in that scan
+/// with 64 MiB, 2.4% with 24 MiB (docs/benchmarks.md, round 8).
+const WRITER_CACHE_SIZE_KIB: u64 = 24 * 1024;
 /// How often the background checkpointer runs.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// WAL size (in pages) past which the checkpointer uses `RESTART` (waits
