@@ -483,21 +483,36 @@ mod tests {
         Outbound::Push(SharedPush::new(server_frame::Kind::Ok(proto::v1::Ok {})))
     }
 
+    /// A task waiting on `q` through `wait`, already parked in it.
+    async fn waiting<T, F>(
+        q: &Arc<OutboundQueue>,
+        wait: impl FnOnce(Arc<OutboundQueue>) -> F,
+    ) -> tokio::task::JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = T> + Send + 'static,
+    {
+        let task = tokio::spawn(wait(q.clone()));
+        tokio::task::yield_now().await;
+        task
+    }
+
+    /// What the waiting `task` got, once something woke it (at most 5 s).
+    async fn woken<T>(task: tokio::task::JoinHandle<T>, by: &str) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("{by} did not wake the waiter"))
+            .expect("waiter task")
+    }
+
     #[tokio::test]
     async fn recv_waits_for_a_push_and_keeps_order() {
         let (h, q) = SessionHandle::channel(8);
         let q = Arc::new(q);
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.recv().await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&q, |q| async move { q.recv().await }).await;
         ReplyTo::new(1, Encoding::Binary, h.clone(), None).ok();
         ReplyTo::new(2, Encoding::Binary, h.clone(), None).ok();
-        let first = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("recv woke up")
-            .expect("recv task");
+        let first = woken(waiter, "a reply").await;
         assert_eq!(reply_of(first).0, 1);
         assert_eq!(reply_of(q.try_recv().expect("second")).0, 2);
         assert!(q.try_recv().is_none());
@@ -508,28 +523,14 @@ mod tests {
         let (h, q) = SessionHandle::channel(8);
         let q = Arc::new(q);
         // A waiting task is woken by a push...
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.next_event().await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&q, |q| async move { q.next_event().await }).await;
         assert!(h.push(ok_push()));
-        let first = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("a push wakes the waiter")
-            .expect("waiter task");
+        let first = woken(waiter, "a push").await;
         assert!(matches!(first, Event::Item(Outbound::Push(_))));
         // ...and by a close request alone.
-        let waiter = tokio::spawn({
-            let q = q.clone();
-            async move { q.next_event().await }
-        });
-        tokio::task::yield_now().await;
+        let waiter = waiting(&q, |q| async move { q.next_event().await }).await;
         h.close(CLOSE_GOING_AWAY);
-        let closed = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("a close wakes the waiter")
-            .expect("waiter task");
+        let closed = woken(waiter, "a close").await;
         assert!(matches!(closed, Event::Close(CLOSE_GOING_AWAY)));
         // A close comes first even with frames queued, which stay queued
         // for the connection to let out.
