@@ -248,12 +248,6 @@ impl OutboundQueue {
         .await
     }
 
-    /// The oldest queued frame, waiting for one if there is none (close
-    /// requests are not looked at).
-    pub async fn recv(&self) -> Outbound {
-        std::future::poll_fn(|cx| self.poll_until(cx, Self::try_recv)).await
-    }
-
     /// The oldest queued frame, if any.
     pub fn try_recv(&self) -> Option<Outbound> {
         let mut items = self.shared.items();
@@ -451,15 +445,23 @@ mod tests {
         }
     }
 
+    /// The frame `next_event` returned (these tests ask no close first).
+    fn item(e: Event) -> Outbound {
+        match e {
+            Event::Item(o) => o,
+            Event::Close(code) => panic!("expected a frame, got close {code}"),
+        }
+    }
+
     #[tokio::test]
     async fn dropped_reply_answers_unavailable() {
         let (h, q) = SessionHandle::channel(4);
         drop(ReplyTo::new(7, Encoding::Json, h.clone(), None));
-        let (id, r) = reply_of(q.recv().await);
+        let (id, r) = reply_of(item(q.next_event().await));
         assert_eq!(id, 7);
         assert!(matches!(r, Err(ChatError::Unavailable(_))));
         ReplyTo::new(8, Encoding::Json, h, None).ok();
-        let (id, r) = reply_of(q.recv().await);
+        let (id, r) = reply_of(item(q.next_event().await));
         assert_eq!(id, 8);
         assert!(r.is_ok());
     }
@@ -506,10 +508,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recv_waits_for_a_push_and_keeps_order() {
+    async fn next_event_waits_for_a_push_and_keeps_order() {
         let (h, q) = SessionHandle::channel(8);
         let q = Arc::new(q);
-        let waiter = waiting(&q, |q| async move { q.recv().await }).await;
+        let waiter = waiting(&q, |q| async move { item(q.next_event().await) }).await;
         ReplyTo::new(1, Encoding::Binary, h.clone(), None).ok();
         ReplyTo::new(2, Encoding::Binary, h.clone(), None).ok();
         let first = woken(waiter, "a reply").await;
