@@ -24,7 +24,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 if (($# != 2)); then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2
+    # The comment block at the top of this file.
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
     exit 2
 fi
 A=$(realpath "$1")
