@@ -243,7 +243,8 @@ pub fn relay_envelopes(msg: &RelayMessage) -> Vec<Env> {
         | RelayMessage::DeliverToSessions { .. }
         | RelayMessage::CloseAll { .. }
         | RelayMessage::Stats(_)
-        | RelayMessage::Tick => Vec::new(),
+        | RelayMessage::Tick
+        | RelayMessage::Release(_) => Vec::new(),
     }
 }
 

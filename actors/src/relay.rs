@@ -3,7 +3,9 @@
 //! Fan-out is two-tier: a group actor sends one `Deliver` per commit batch to
 //! the relay of each node, and the relay hands the shared, once-encoded push
 //! to every local session of the group's online members. The relay also
-//! keeps which local users are online in which groups.
+//! keeps which local users are online in which groups, and puts each group's
+//! messages back in seq order when two owners' deliveries cross (see
+//! [`Order`]).
 //!
 //! Who talks to it: session actors (register, attach their groups, leave),
 //! group actors (deliveries and membership changes, in commit order), the
@@ -14,8 +16,9 @@
 //! (it only `try_send`s into bounded connection queues), or trust a stale
 //! group list over a newer removal (see `LocalUser::removed`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -106,6 +109,9 @@ pub enum RelayMessage {
     /// Timer: tick every session (one node-wide timer instead of one per
     /// session).
     Tick,
+    /// Timer: stop waiting for the missing seqs of `group` where something
+    /// has been held for [`HOLD`] (see [`Order`]).
+    Release(GroupId),
 }
 
 impl ractor::Message for RelayMessage {}
@@ -119,6 +125,100 @@ pub struct RelayStats {
     pub sessions: usize,
     /// Groups with at least one local online member.
     pub groups: usize,
+}
+
+/// How long the relay holds a group's pushes that arrived ahead of a missing
+/// seq before it gives up and delivers them (the clients then see a gap and
+/// pull `history`, as after any lost delivery).
+pub const HOLD: Duration = Duration::from_millis(200);
+/// Most items held per group; one more releases the oldest at once.
+const MAX_HELD: usize = 256;
+
+/// When a group changes owner (a node joins, drains, or is declared down),
+/// the old owner's last delivery and the new owner's first one come from
+/// different nodes, over different links, and can reach a relay in either
+/// order: a client would see seq 77 before 76. So the relay sequences each
+/// group it has seen deliveries of: everything with a position in the log
+/// (deliveries by their first seq, joins before the seq that added them,
+/// leaves after the seq that removed them) goes out only once every seq
+/// before it has, and is held (at most [`HOLD`], at most [`MAX_HELD`] items)
+/// until then. A delivery of seqs already delivered is dropped.
+///
+/// Invariants:
+/// - `last` is the highest seq delivered here (the first delivery the relay
+///   sees of a group sets it: there is nothing earlier to wait for).
+/// - every item of `held` waits for a seq: a join or a delivery at position
+///   `p > last + 1`, a leave at `p > last`.
+#[derive(Debug, Default)]
+struct Order {
+    last: u64,
+    /// Keyed by (position, phase, arrival number): joins, then the
+    /// delivery, then leaves, of one seq.
+    held: BTreeMap<(u64, u8, u64), (Instant, Positioned)>,
+    /// Arrival numbers for `held`'s keys.
+    arrivals: u64,
+    /// A [`RelayMessage::Release`] of this group is on its way.
+    timer: bool,
+}
+
+/// A relay message with a place in its group's log.
+#[derive(Debug)]
+enum Positioned {
+    /// Users joined at these seqs (position: the smallest).
+    Added(Vec<(UserId, u64)>),
+    /// Pushes whose messages have seqs `first..`.
+    Deliver {
+        first: u64,
+        pushes: Vec<Arc<SharedPush>>,
+        except: Option<UserId>,
+    },
+    /// Users left at `seq`.
+    Removed(Vec<UserId>, u64),
+}
+
+impl Positioned {
+    /// `(position, phase)`: its key in [`Order::held`] but for the arrival.
+    fn place(&self) -> (u64, u8) {
+        match self {
+            Positioned::Added(users) => (users.iter().map(|(_, s)| *s).min().unwrap_or(0), 0),
+            Positioned::Deliver { first, .. } => (*first, 1),
+            Positioned::Removed(_, seq) => (*seq, 2),
+        }
+    }
+
+    /// Whether every seq it waits for has been delivered, given `last`.
+    fn ready(&self, last: u64) -> bool {
+        match self.place() {
+            (pos, 2) => pos <= last,
+            (pos, _) => pos <= last.saturating_add(1),
+        }
+    }
+
+    /// The `last` that makes it ready (for giving up on the missing seqs).
+    fn ready_at(&self) -> u64 {
+        match self.place() {
+            (pos, 2) => pos,
+            (pos, _) => pos.saturating_sub(1),
+        }
+    }
+}
+
+/// The seqs of the message pushes in `pushes` (smallest, largest), if any.
+fn message_seqs(pushes: &[Arc<SharedPush>]) -> Option<(u64, u64)> {
+    pushes
+        .iter()
+        .filter_map(|p| message_seq(p))
+        .fold(None, |acc, s| match acc {
+            None => Some((s, s)),
+            Some((lo, hi)) => Some((lo.min(s), hi.max(s))),
+        })
+}
+
+fn message_seq(p: &SharedPush) -> Option<u64> {
+    match &p.frame().kind {
+        Some(proto::v1::server_frame::Kind::Message(m)) => Some(m.seq),
+        _ => None,
+    }
 }
 
 /// A user with at least one session on this node.
@@ -141,15 +241,163 @@ pub struct LocalUser {
 /// - `u ∈ groups[g]` ⇔ `users[u]` exists and `g ∈ users[u].groups`; no entry
 ///   of `groups` is empty.
 /// - `sessions` holds exactly the sessions listed in `users`.
+/// - `orders` has an entry for each group that had local members when a
+///   delivery came; entries of groups without local members and with
+///   nothing held are dropped on the next tick.
 #[derive(Debug, Default)]
 pub struct RelayState {
     users: HashMap<UserId, LocalUser>,
     groups: HashMap<GroupId, HashSet<UserId>>,
     /// Every local session by id (the same handles as in `users`) and its actor.
     sessions: HashMap<SessionId, (SessionHandle, Option<ActorRef<SessionMessage>>)>,
+    /// Each group's seq order (see [`Order`]).
+    orders: HashMap<GroupId, Order>,
 }
 
 impl RelayState {
+    /// Takes a relay message with a place in `group`'s log: applies it now
+    /// if nothing it follows is missing (and then whatever held it
+    /// unblocks), else holds it. Returns `true` when it started a hold (the
+    /// caller schedules a [`RelayMessage::Release`]).
+    fn offer(&mut self, group: &GroupId, item: Positioned, now: Instant) -> bool {
+        let Some(order) = self.orders.get_mut(group) else {
+            // Not sequenced yet: a first delivery starts the order if there
+            // is anyone here to deliver to.
+            if let Positioned::Deliver { pushes, .. } = &item
+                && self.groups.contains_key(group)
+                && let Some((lo, _)) = message_seqs(pushes)
+            {
+                // `apply` moves it to the delivery's last seq.
+                let last = lo.saturating_sub(1);
+                self.orders.insert(
+                    group.clone(),
+                    Order {
+                        last,
+                        ..Order::default()
+                    },
+                );
+            }
+            self.apply(group, item);
+            return false;
+        };
+        if item.ready(order.last) {
+            self.apply(group, item);
+            self.drain(group, now, false);
+            return false;
+        }
+        let (pos, phase) = item.place();
+        order.arrivals += 1;
+        order.held.insert((pos, phase, order.arrivals), (now, item));
+        metrics::counter!("chat_relay_held_total").increment(1);
+        let arm = !order.timer;
+        order.timer = true;
+        if order.held.len() > MAX_HELD {
+            self.drain(group, now, true);
+        }
+        arm
+    }
+
+    /// A [`RelayMessage::Release`] came: gives up on what has waited
+    /// [`HOLD`]. Returns whether to send another (something is still held).
+    fn release(&mut self, group: &GroupId, now: Instant) -> bool {
+        let still_held = self.drain(group, now, false);
+        if let Some(order) = self.orders.get_mut(group) {
+            order.timer = still_held;
+        }
+        still_held
+    }
+
+    /// Applies the held items of `group` that are ready; with `force`,
+    /// first gives up on the seqs that the oldest held item waits for.
+    /// Returns whether anything is still held.
+    fn drain(&mut self, group: &GroupId, now: Instant, mut force: bool) -> bool {
+        loop {
+            let Some(order) = self.orders.get_mut(group) else {
+                return false;
+            };
+            let Some(entry) = order.held.first_entry() else {
+                return false;
+            };
+            let (arrived, item) = entry.get();
+            if !item.ready(order.last) {
+                let waited = now.saturating_duration_since(*arrived) >= HOLD;
+                if !(force || waited) {
+                    return true;
+                }
+                metrics::counter!("chat_relay_gaps_total").increment(1);
+                order.last = order.last.max(item.ready_at());
+                force = false;
+            }
+            let (_, item) = entry.remove();
+            self.apply(group, item);
+        }
+    }
+
+    /// Does what a positioned message says, dropping the pushes of seqs
+    /// already delivered.
+    fn apply(&mut self, group: &GroupId, item: Positioned) {
+        match item {
+            Positioned::Added(users) => {
+                for (u, joined) in users {
+                    self.attach(&u, group, joined);
+                }
+            }
+            Positioned::Removed(users, seq) => {
+                for u in users {
+                    self.detach(&u, group, seq);
+                }
+            }
+            Positioned::Deliver {
+                mut pushes, except, ..
+            } => {
+                if let Some(order) = self.orders.get_mut(group) {
+                    let last = order.last;
+                    let before = pushes.len();
+                    pushes.retain(|p| message_seq(p).is_none_or(|s| s > last));
+                    if pushes.len() < before {
+                        metrics::counter!("chat_relay_late_dropped_total")
+                            .increment((before - pushes.len()) as u64);
+                    }
+                    if let Some((_, hi)) = message_seqs(&pushes) {
+                        order.last = order.last.max(hi);
+                    }
+                }
+                self.deliver(group, &pushes, except.as_ref());
+            }
+        }
+    }
+
+    /// Queues `pushes` (one slot per session) for every local member of
+    /// `group` but `except`.
+    fn deliver(&self, group: &GroupId, pushes: &[Arc<SharedPush>], except: Option<&UserId>) {
+        let Some(members) = self.groups.get(group) else {
+            return;
+        };
+        let Some(first) = pushes.first() else {
+            return;
+        };
+        let batch: Option<Arc<[Arc<SharedPush>]>> = (pushes.len() > 1).then(|| Arc::from(pushes));
+        let clone = || match &batch {
+            Some(b) => Outbound::Batch(b.clone()),
+            None => Outbound::Push(first.clone()),
+        };
+        let mut delivered = 0u64;
+        for u in members {
+            if except == Some(u) {
+                continue;
+            }
+            delivered += (self.send_to_user(u, clone) * pushes.len()) as u64;
+        }
+        metrics::counter!("chat_relay_deliveries_total").increment(delivered);
+    }
+
+    /// Drops the orders of groups with no local members and nothing held.
+    fn prune_orders(&mut self) {
+        let groups = &self.groups;
+        self.orders
+            .retain(|g, o| !o.held.is_empty() || groups.contains_key(g));
+    }
+
     fn attach(&mut self, user: &UserId, group: &GroupId, joined_at_seq: u64) {
         let Some(local) = self.users.get_mut(user) else {
             return;
@@ -246,7 +494,7 @@ impl Actor for Relay {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -273,42 +521,33 @@ impl Actor for Relay {
                 }
             }
             RelayMessage::MembersAdded { group, users } => {
-                for (u, joined) in users {
-                    state.attach(&u, &group, joined);
-                }
+                let hold = state.offer(&group, Positioned::Added(users), Instant::now());
+                schedule_release(&myself, group, hold);
             }
             RelayMessage::MembersRemoved { group, users, seq } => {
-                for u in users {
-                    state.detach(&u, &group, seq);
-                }
+                let hold = state.offer(&group, Positioned::Removed(users, seq), Instant::now());
+                schedule_release(&myself, group, hold);
             }
             RelayMessage::Deliver {
                 group,
                 pushes,
                 except,
-            } => {
-                let Some(members) = state.groups.get(&group) else {
-                    return Ok(());
-                };
-                let Some(first) = pushes.first().cloned() else {
-                    return Ok(());
-                };
-                // One queue slot per session for the whole batch.
-                let batch: Option<Arc<[Arc<SharedPush>]>> =
-                    (pushes.len() > 1).then(|| Arc::from(pushes.as_slice()));
-                let clone = || match &batch {
-                    Some(b) => Outbound::Batch(b.clone()),
-                    None => Outbound::Push(first.clone()),
-                };
-                let mut delivered = 0u64;
-                for u in members {
-                    if except.as_ref() == Some(u) {
-                        continue;
+            } => match message_seqs(&pushes) {
+                // Typing, receipts, reactions: no place in the log.
+                None => state.deliver(&group, &pushes, except.as_ref()),
+                Some((first, _)) => {
+                    if !state.groups.contains_key(&group) && !state.orders.contains_key(&group) {
+                        return Ok(());
                     }
-                    delivered += (state.send_to_user(u, clone) * pushes.len()) as u64;
+                    let item = Positioned::Deliver {
+                        first,
+                        pushes,
+                        except,
+                    };
+                    let hold = state.offer(&group, item, Instant::now());
+                    schedule_release(&myself, group, hold);
                 }
-                metrics::counter!("chat_relay_deliveries_total").increment(delivered);
-            }
+            },
             RelayMessage::DeliverTo { users, push } => {
                 let mut delivered = 0u64;
                 for u in &users {
@@ -337,7 +576,12 @@ impl Actor for Relay {
                     }
                 }
             }
+            RelayMessage::Release(group) => {
+                let again = state.release(&group, Instant::now());
+                schedule_release(&myself, group, again);
+            }
             RelayMessage::Tick => {
+                state.prune_orders();
                 for (_, actor) in state.sessions.values() {
                     if let Some(a) = actor {
                         let _ = a.cast(SessionMessage::PresenceTick);
@@ -354,6 +598,14 @@ impl Actor for Relay {
             }
         }
         Ok(())
+    }
+}
+
+/// Sends the relay a [`RelayMessage::Release`] of `group` in [`HOLD`] when
+/// `needed`.
+fn schedule_release(myself: &ActorRef<RelayMessage>, group: GroupId, needed: bool) {
+    if needed {
+        myself.send_after(HOLD, move || RelayMessage::Release(group));
     }
 }
 

@@ -10,7 +10,11 @@ fn group(s: &str) -> GroupId {
 }
 
 fn session(state: &mut RelayState, u: &str, id: u64) -> OutboundQueue {
-    let (h, q) = SessionHandle::channel(16);
+    session_with(state, u, id, 16)
+}
+
+fn session_with(state: &mut RelayState, u: &str, id: u64, capacity: usize) -> OutboundQueue {
+    let (h, q) = SessionHandle::channel(capacity);
     state.sessions.insert(SessionId(id), (h.clone(), None));
     state
         .users
@@ -73,4 +77,144 @@ fn attach_ignores_users_without_sessions() {
     let mut s = RelayState::default();
     s.attach(&user("ghost"), &group("g"), 1);
     assert!(s.groups.is_empty());
+}
+
+// ----- seq order across owners (`Order`) ---------------------------------
+
+fn msg(seq: u64) -> Arc<SharedPush> {
+    SharedPush::new(Kind::Message(proto::v1::Message {
+        group_id: "g".into(),
+        seq,
+        ..Default::default()
+    }))
+}
+
+fn delivery(seqs: std::ops::RangeInclusive<u64>) -> Positioned {
+    Positioned::Deliver {
+        first: *seqs.start(),
+        pushes: seqs.map(msg).collect(),
+        except: None,
+    }
+}
+
+/// The message seqs queued on `q`, in queue order.
+fn seqs(q: &mut OutboundQueue) -> Vec<u64> {
+    let mut out = Vec::new();
+    while let Some(o) = q.try_recv() {
+        let pushes: Vec<Arc<SharedPush>> = match o {
+            Outbound::Push(p) => vec![p],
+            Outbound::Batch(b) => b.to_vec(),
+            Outbound::Reply { .. } => panic!("a reply on a push-only queue"),
+        };
+        out.extend(pushes.iter().filter_map(|p| message_seq(p)));
+    }
+    out
+}
+
+fn online(state: &mut RelayState, u: &str, id: u64) -> OutboundQueue {
+    let q = session(state, u, id);
+    state.attach(&user(u), &group("g"), 1);
+    q
+}
+
+#[test]
+fn deliveries_that_cross_come_out_in_seq_order() {
+    let mut s = RelayState::default();
+    let mut q = online(&mut s, "a", 1);
+    let (g, now) = (group("g"), Instant::now());
+    assert!(
+        !s.offer(&g, delivery(1..=2), now),
+        "a first delivery starts the order"
+    );
+    // The new owner's 4 overtakes the old owner's 3: held, a timer asked for.
+    assert!(s.offer(&g, delivery(4..=5), now));
+    assert_eq!(seqs(&mut q), [1, 2]);
+    // A second hold while the timer is on its way asks for no other.
+    assert!(!s.offer(&g, delivery(7..=7), now));
+    assert!(!s.offer(&g, delivery(3..=3), now));
+    assert_eq!(seqs(&mut q), [3, 4, 5]);
+    // 7 still waits for 6.
+    assert!(!s.offer(&g, delivery(6..=6), now));
+    assert_eq!(seqs(&mut q), [6, 7]);
+    // A repeat of delivered seqs is dropped, a partial one trimmed.
+    s.offer(&g, delivery(5..=7), now);
+    s.offer(&g, delivery(7..=8), now);
+    assert_eq!(seqs(&mut q), [8]);
+    assert!(!s.release(&g, now), "nothing held");
+}
+
+#[test]
+fn a_missing_seq_is_given_up_after_the_hold() {
+    let mut s = RelayState::default();
+    let mut q = online(&mut s, "a", 1);
+    let (g, t0) = (group("g"), Instant::now());
+    s.offer(&g, delivery(1..=1), t0);
+    assert!(s.offer(&g, delivery(3..=3), t0));
+    assert!(
+        s.release(&g, t0 + HOLD / 2),
+        "not held long enough: still waiting"
+    );
+    assert_eq!(seqs(&mut q), [1]);
+    assert!(!s.release(&g, t0 + HOLD));
+    assert_eq!(
+        seqs(&mut q),
+        [3],
+        "delivered with a gap (the client pulls history)"
+    );
+    // The lost delivery turning up late would be a reorder: dropped.
+    s.offer(&g, delivery(2..=2), t0 + HOLD);
+    assert_eq!(seqs(&mut q), Vec::<u64>::new());
+}
+
+#[test]
+fn joins_and_leaves_wait_for_their_seq() {
+    let mut s = RelayState::default();
+    let mut qa = online(&mut s, "a", 1);
+    let mut qb = session(&mut s, "b", 2);
+    let (g, now) = (group("g"), Instant::now());
+    s.offer(&g, delivery(1..=1), now);
+    // b joins at 3 (the new owner's join and its system message overtake
+    // the old owner's 2): b must get 3 and not 2.
+    s.offer(&g, Positioned::Added(vec![(user("b"), 3)]), now);
+    s.offer(&g, delivery(3..=3), now);
+    // a leaves at 4, then 5 is sent: a must get 4 and not 5.
+    s.offer(&g, Positioned::Removed(vec![user("a")], 4), now);
+    s.offer(&g, delivery(5..=5), now);
+    assert_eq!(seqs(&mut qa), [1]);
+    s.offer(&g, delivery(2..=2), now);
+    assert_eq!(seqs(&mut qa), [2, 3]);
+    assert_eq!(seqs(&mut qb), [3]);
+    s.offer(&g, delivery(4..=4), now);
+    assert_eq!(seqs(&mut qa), [4]);
+    assert_eq!(seqs(&mut qb), [4, 5]);
+}
+
+#[test]
+fn past_the_bound_the_oldest_held_item_goes_out() {
+    let mut s = RelayState::default();
+    let mut q = session_with(&mut s, "a", 1, 2 * MAX_HELD);
+    s.attach(&user("a"), &group("g"), 1);
+    let (g, now) = (group("g"), Instant::now());
+    s.offer(&g, delivery(1..=1), now);
+    let last = 2 + MAX_HELD as u64;
+    // 3..=last wait for 2; one more than the bound lets them all go.
+    for seq in 3..=last {
+        s.offer(&g, delivery(seq..=seq), now);
+    }
+    assert_eq!(seqs(&mut q), [1]);
+    s.offer(&g, delivery(last + 1..=last + 1), now);
+    assert_eq!(seqs(&mut q), (3..=last + 1).collect::<Vec<_>>());
+}
+
+#[test]
+fn orders_of_groups_without_local_members_are_pruned() {
+    let mut s = RelayState::default();
+    let _q = online(&mut s, "a", 1);
+    let (g, now) = (group("g"), Instant::now());
+    s.offer(&g, delivery(1..=1), now);
+    s.prune_orders();
+    assert!(s.orders.contains_key(&g), "a member is online");
+    s.unregister(&user("a"), SessionId(1));
+    s.prune_orders();
+    assert!(s.orders.is_empty());
 }
