@@ -141,8 +141,9 @@ const MAX_HELD: usize = 256;
 /// group it has seen deliveries of: everything with a position in the log
 /// (deliveries by their first seq, joins before the seq that added them,
 /// leaves after the seq that removed them) goes out only once every seq
-/// before it has, and is held (at most [`HOLD`], at most [`MAX_HELD`] items)
-/// until then. A delivery of seqs already delivered is dropped.
+/// before it has, and is held until then: [`HOLD`] after the oldest held
+/// item arrived (so under twice that for any one), at most [`MAX_HELD`]
+/// items. A delivery of seqs already delivered is dropped.
 ///
 /// Invariants:
 /// - `last` is the highest seq delivered here (the first delivery the relay
@@ -315,20 +316,25 @@ impl RelayState {
             let Some(order) = self.orders.get_mut(group) else {
                 return false;
             };
-            let Some(entry) = order.held.first_entry() else {
+            let Some((_, (_, item))) = order.held.first_key_value() else {
                 return false;
             };
-            let (arrived, item) = entry.get();
             if !item.ready(order.last) {
-                let waited = now.saturating_duration_since(*arrived) >= HOLD;
+                // Held items are in log order, not arrival order: what
+                // waited longest may sit behind a younger one.
+                let oldest = order.held.values().map(|(t, _)| *t).min();
+                let waited = oldest.is_some_and(|t| now.saturating_duration_since(t) >= HOLD);
                 if !(force || waited) {
                     return true;
                 }
                 metrics::counter!("chat_relay_gaps_total").increment(1);
-                order.last = order.last.max(item.ready_at());
+                let at = item.ready_at();
+                order.last = order.last.max(at);
                 force = false;
             }
-            let (_, item) = entry.remove();
+            let Some((_, (_, item))) = order.held.pop_first() else {
+                return false;
+            };
             self.apply(group, item);
         }
     }

@@ -167,6 +167,20 @@ fn a_missing_seq_is_given_up_after_the_hold() {
 }
 
 #[test]
+fn the_hold_counts_from_the_oldest_arrival() {
+    let mut s = RelayState::default();
+    let mut q = online(&mut s, "a", 1);
+    let (g, t0) = (group("g"), Instant::now());
+    s.offer(&g, delivery(1..=1), t0);
+    // 4 waits from t0; 3 (also ahead of the missing 2) comes later but
+    // sorts first.
+    s.offer(&g, delivery(4..=4), t0);
+    s.offer(&g, delivery(3..=3), t0 + HOLD / 2);
+    assert!(!s.release(&g, t0 + HOLD), "4 has waited the hold: both go");
+    assert_eq!(seqs(&mut q), [1, 3, 4]);
+}
+
+#[test]
 fn joins_and_leaves_wait_for_their_seq() {
     let mut s = RelayState::default();
     let mut qa = online(&mut s, "a", 1);
