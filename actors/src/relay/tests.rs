@@ -232,3 +232,70 @@ fn orders_of_groups_without_local_members_are_pruned() {
     s.prune_orders();
     assert!(s.orders.is_empty());
 }
+
+/// Stands in for a session actor: the relay only ticks it.
+struct Inert;
+
+impl Actor for Inert {
+    type Msg = SessionMessage;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<SessionMessage>,
+        _: (),
+    ) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// The relay actor's own timer gives up on a missing seq: nothing else
+/// has to arrive for held pushes to go out.
+#[tokio::test]
+async fn the_relay_actor_releases_held_pushes_by_itself() {
+    let args = RelayArgs {
+        tick: Duration::from_secs(3600),
+    };
+    let (relay, relay_task) = Actor::spawn(None, Relay, args).await.expect("relay");
+    let (session_actor, session_task) = Actor::spawn(None, Inert, ()).await.expect("session");
+    let (handle, mut q) = SessionHandle::channel(16);
+    let cast = |m: RelayMessage| relay.cast(m).expect("relay alive");
+    cast(RelayMessage::Register {
+        user: user("a"),
+        session: SessionId(1),
+        handle,
+        actor: session_actor.clone(),
+    });
+    cast(RelayMessage::Attach {
+        user: user("a"),
+        groups: vec![(group("g"), 1)],
+    });
+    let deliver = |seq: u64| RelayMessage::Deliver {
+        group: group("g"),
+        pushes: vec![msg(seq)],
+        except: None,
+    };
+    cast(deliver(1));
+    cast(deliver(3));
+    // A call answers after every cast before it was handled.
+    let stats = |relay: &ActorRef<RelayMessage>| {
+        let relay = relay.clone();
+        async move { ractor::call_t!(relay, RelayMessage::Stats, 1000).expect("stats") }
+    };
+    assert_eq!(stats(&relay).await.groups, 1);
+    assert_eq!(seqs(&mut q), [1], "3 waits for 2");
+    // Bounded: the release is due HOLD after the hold began.
+    let deadline = Instant::now() + 5 * HOLD;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(HOLD / 4).await;
+        stats(&relay).await;
+        got = seqs(&mut q);
+    }
+    assert_eq!(got, [3]);
+    relay.stop(None);
+    session_actor.stop(None);
+    let _ = relay_task.await;
+    let _ = session_task.await;
+}
