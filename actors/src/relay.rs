@@ -167,9 +167,10 @@ struct Order {
 enum Positioned {
     /// Users joined at these seqs (position: the smallest).
     Added(Vec<(UserId, u64)>),
-    /// Pushes whose messages have seqs `first..`.
+    /// Pushes whose messages have seqs `seqs.0..=seqs.1` (what
+    /// [`message_seqs`] found in them).
     Deliver {
-        first: u64,
+        seqs: (u64, u64),
         pushes: Vec<Arc<SharedPush>>,
         except: Option<UserId>,
     },
@@ -182,7 +183,7 @@ impl Positioned {
     fn place(&self) -> (u64, u8) {
         match self {
             Positioned::Added(users) => (users.iter().map(|(_, s)| *s).min().unwrap_or(0), 0),
-            Positioned::Deliver { first, .. } => (*first, 1),
+            Positioned::Deliver { seqs, .. } => (seqs.0, 1),
             Positioned::Removed(_, seq) => (*seq, 2),
         }
     }
@@ -264,12 +265,11 @@ impl RelayState {
         let Some(order) = self.orders.get_mut(group) else {
             // Not sequenced yet: a first delivery starts the order if there
             // is anyone here to deliver to.
-            if let Positioned::Deliver { pushes, .. } = &item
+            if let Positioned::Deliver { seqs, .. } = &item
                 && self.groups.contains_key(group)
-                && let Some((lo, _)) = message_seqs(pushes)
             {
                 // `apply` moves it to the delivery's last seq.
-                let last = lo.saturating_sub(1);
+                let last = seqs.0.saturating_sub(1);
                 self.orders.insert(
                     group.clone(),
                     Order {
@@ -354,7 +354,9 @@ impl RelayState {
                 }
             }
             Positioned::Deliver {
-                mut pushes, except, ..
+                seqs: (_, hi),
+                mut pushes,
+                except,
             } => {
                 if let Some(order) = self.orders.get_mut(group) {
                     let last = order.last;
@@ -364,9 +366,8 @@ impl RelayState {
                         metrics::counter!("chat_relay_late_dropped_total")
                             .increment((before - pushes.len()) as u64);
                     }
-                    if let Some((_, hi)) = message_seqs(&pushes) {
-                        order.last = order.last.max(hi);
-                    }
+                    // Were `hi` trimmed, it would be <= last: no change then.
+                    order.last = order.last.max(hi);
                 }
                 self.deliver(group, &pushes, except.as_ref());
             }
@@ -541,12 +542,9 @@ impl Actor for Relay {
             } => match message_seqs(&pushes) {
                 // Typing, receipts, reactions: no place in the log.
                 None => state.deliver(&group, &pushes, except.as_ref()),
-                Some((first, _)) => {
-                    if !state.groups.contains_key(&group) && !state.orders.contains_key(&group) {
-                        return Ok(());
-                    }
+                Some(seqs) => {
                     let item = Positioned::Deliver {
-                        first,
+                        seqs,
                         pushes,
                         except,
                     };

@@ -91,7 +91,7 @@ fn msg(seq: u64) -> Arc<SharedPush> {
 
 fn delivery(seqs: std::ops::RangeInclusive<u64>) -> Positioned {
     Positioned::Deliver {
-        first: *seqs.start(),
+        seqs: (*seqs.start(), *seqs.end()),
         pushes: seqs.map(msg).collect(),
         except: None,
     }
