@@ -15,6 +15,15 @@
 //! are answered `UNAVAILABLE` by their [`ReplyTo`] handles, and a retried
 //! `send` is deduplicated by its `clientMsgId`.
 //!
+//! Dedupe records trail the log: a send's record is written with a later
+//! batch, about [`DEDUPE_FLUSH`] records at a time, and the group's
+//! watermark (`Model::dedupe_indexed`) says up to which seq they are all
+//! written. The sends after it are in the log itself (with their sender and
+//! `clientMsgId`): loading reads that tail into memory, so a retry is
+//! answered from memory, or found by the commit in the written records. A
+//! batch then dirties its log and head pages, not one dedupe page per
+//! sender as well (1,000-group durable appends: docs/benchmarks.md, round 10).
+//!
 //! What it must not do: block (storage runs on the store's lanes and reports
 //! back with [`GroupMessage::Committed`]), reply before a commit, or keep
 //! running after a commit failed (its view may be stale: it stops and the
@@ -103,6 +112,26 @@ pub enum CommitFailure {
 /// validated against is then exactly the one it commits under.
 pub const MAX_COMMITS_IN_FLIGHT: usize = 2;
 
+/// Committed sends without a dedupe record after which a batch writes
+/// theirs (and moves the watermark).
+pub const DEDUPE_FLUSH: usize = 128;
+
+/// Sends in one batch from which it writes their dedupe records itself.
+/// Checking a send that will be recorded later costs a read now and a
+/// write later, where recording it now costs one insert (which finds a
+/// retry too); the deferral pays only for small batches, whose records
+/// would each dirty a page of their own (one-group durable appends, ~550
+/// sends a batch, every batch deferring: 130, 129k/s against 145, 145k/s
+/// before; docs/benchmarks.md, round 10).
+pub const DEDUPE_DIRECT: usize = 64;
+
+/// Seqs past the dedupe watermark after which a batch moves it even with
+/// fewer than [`DEDUPE_FLUSH`] sends to record (membership changes and
+/// announcements take seqs too). With the batches in flight, this bounds
+/// the log tail that loading reads: at most about `DEDUPE_LAG +
+/// MAX_COMMITS_IN_FLIGHT × MAX_SENDS_PER_BATCH` entries.
+pub const DEDUPE_LAG: u64 = 512;
+
 /// Fewest waiting requests for which a batch is planned behind another (and
 /// at least half as many as the batch ahead of it). A smaller batch would
 /// cost the commit stage its per-batch checks and writes for little: when
@@ -175,6 +204,11 @@ impl Member {
 /// - Every pointer in `members` is ≤ `head`, and never decreases.
 /// - `dirty` ⊆ keys of `members`: members whose pointers changed since the
 ///   last pointer write; `pointer_waiters` are answered when they are written.
+/// - Every send committed with a seq ≤ `indexed` has its dedupe record in
+///   storage, where `indexed` is the stored watermark; `unindexed` holds
+///   exactly the committed sends without one (all after `indexed`, up to
+///   `head`; a batch that records its own sends adds none). At most one
+///   commit in flight moves the watermark.
 pub struct GroupState {
     id: GroupId,
     router: Router,
@@ -197,6 +231,10 @@ pub struct GroupState {
     /// Recent sends: `(user, clientMsgId)` → outcome, for cheap retries.
     recent: HashMap<(UserId, String), DedupeRecord>,
     recent_order: VecDeque<(UserId, String)>,
+    /// The stored dedupe watermark (see the invariants).
+    indexed: u64,
+    /// Committed sends after `indexed`, whose records are still to write.
+    unindexed: HashMap<(UserId, String), DedupeRecord>,
     /// Last forwarded typing indicator per user.
     typing: HashMap<UserId, Instant>,
     /// Pointer counts and pending receipt pushes; describes exactly the
@@ -268,6 +306,8 @@ impl Actor for Group {
             waiting_sends: HashSet::new(),
             recent: HashMap::new(),
             recent_order: VecDeque::new(),
+            indexed: 0,
+            unindexed: HashMap::new(),
             typing: HashMap::new(),
             receipts: Receipts::default(),
             receipts_scheduled: false,
@@ -296,11 +336,49 @@ impl Actor for Group {
                 let members = m.members(t, &gid)?;
                 // Who sent the recent messages: receipts go to them.
                 let recent = m.log_page(t, &gid, LogQuery::Latest, receipts::RECENT)?;
-                Ok(Some((meta, epoch, head, members, recent.entries)))
+                // The sends whose dedupe records are not written yet.
+                let indexed = m.dedupe_indexed(t, &gid)?.unwrap_or(head).min(head);
+                let tail = match head - indexed {
+                    0 => Vec::new(),
+                    n => {
+                        let n = usize::try_from(n).unwrap_or(usize::MAX);
+                        m.log_page(t, &gid, LogQuery::After(indexed), n)?.entries
+                    }
+                };
+                Ok(Some((
+                    meta,
+                    epoch,
+                    head,
+                    members,
+                    recent.entries,
+                    indexed,
+                    tail,
+                )))
             })
             .await
             .map_err(|e| format!("loading group {}: {e}", state.id))?;
-        if let Some((meta, epoch, head, members, recent)) = loaded {
+        if let Some((meta, epoch, head, members, recent, indexed, tail)) = loaded {
+            state.indexed = indexed;
+            for (seq, body) in tail {
+                let msg = match v1::Message::decode(&body[..]) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        // Unreadable for history too; the group stays usable.
+                        warn!(group = %state.id, seq, error = %e, "undecodable log entry");
+                        continue;
+                    }
+                };
+                if msg.system.is_none()
+                    && !msg.client_msg_id.is_empty()
+                    && let Some(sender) = UserId::parse(&msg.sender_id)
+                {
+                    let rec = DedupeRecord {
+                        seq,
+                        sent_at_ms: msg.sent_at_ms,
+                    };
+                    state.unindexed.insert((sender, msg.client_msg_id), rec);
+                }
+            }
             for (seq, body) in recent {
                 if let Ok(msg) = v1::Message::decode(&body[..])
                     && let Some(sender) = UserId::parse(&msg.sender_id)
@@ -407,7 +485,8 @@ impl GroupState {
             GroupOp::Send(ref s) => {
                 // A retry of a recent send is answered from memory; one of a
                 // send still waiting is attached to it.
-                if let Some(rec) = self.recent.get(&(user.clone(), s.client_msg_id.clone())) {
+                let key = (user.clone(), s.client_msg_id.clone());
+                if let Some(rec) = self.recent.get(&key).or_else(|| self.unindexed.get(&key)) {
                     return reply.send(Ok(sent(&self.id, &s.client_msg_id, rec)));
                 }
                 if let Some(w) = self.pending_send(&user, &s.client_msg_id) {
@@ -706,6 +785,7 @@ impl GroupState {
             .into_iter()
             .map(|(u, r)| (u.to_string(), r))
             .collect();
+        self.index_dedupes(&mut batch.writes);
         let writes = batch.shared_writes();
         let committer = self.router.committer().clone();
         let me = myself.clone();
@@ -931,9 +1011,20 @@ impl GroupState {
         if let Some(meta) = &mut self.meta {
             meta.member_count = self.members.len() as u32;
         }
-        for (u, c, rec) in &writes.dedupes {
+        if let Some(upto) = writes.indexed {
+            for (u, c, _) in &writes.index {
+                if let Some(u) = UserId::parse(u) {
+                    self.unindexed.remove(&(u, c.clone()));
+                }
+            }
+            self.indexed = upto;
+        }
+        for (u, c, rec) in &writes.sends {
             if let Some(u) = UserId::parse(u) {
                 self.remember(&u, c, rec);
+                if !writes.record_sends {
+                    self.unindexed.insert((u, c.clone()), rec.clone());
+                }
             }
         }
         metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
@@ -972,6 +1063,29 @@ impl GroupState {
             self.schedule_flush(myself);
         }
         self.schedule_receipts(myself);
+    }
+
+    /// Decides which dedupe records `writes` carries: its own sends' when
+    /// they are many ([`DEDUPE_DIRECT`]); those of the committed sends
+    /// without one, with the watermark they bring up to the committed head
+    /// (or to this batch's, when it records its own and nothing is in
+    /// flight), when enough are due ([`DEDUPE_FLUSH`], [`DEDUPE_LAG`]) and
+    /// no commit in flight moves the watermark already.
+    fn index_dedupes(&self, writes: &mut Writes) {
+        writes.record_sends = writes.sends.len() >= DEDUPE_DIRECT;
+        let due = writes.record_sends
+            || self.unindexed.len() >= DEDUPE_FLUSH
+            || self.head - self.indexed >= DEDUPE_LAG;
+        if !due || self.in_flight.iter().any(|f| f.writes.indexed.is_some()) {
+            return;
+        }
+        writes.index = self
+            .unindexed
+            .iter()
+            .map(|((u, c), rec)| (u.to_string(), c.clone(), rec.clone()))
+            .collect();
+        let own = writes.record_sends && self.in_flight.is_empty();
+        writes.indexed = Some(if own { writes.head } else { self.head });
     }
 
     fn remember(&mut self, user: &UserId, cmid: &str, rec: &DedupeRecord) {

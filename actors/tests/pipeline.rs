@@ -9,13 +9,18 @@
 //! pointers that never go back, and retried sends (found by the commit,
 //! with a batch already planned behind them) answered with their first
 //! outcome. The metrics show that batches did queue behind each other.
+//!
+//! Dedupe records trail the log (see `actors::group`): retries of sends
+//! whose records are not written yet are answered by a new owner from the
+//! log tail it loads, the records up to the watermark are all there, and
+//! the watermark stays within a bounded distance of the head.
 
 mod common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use actors::group::PIPELINE_MIN_REQUESTS;
+use actors::group::{DEDUPE_FLUSH, DEDUPE_LAG, PIPELINE_MIN_REQUESTS};
 use actors::{ActorConfig, ChatError, GroupId, Router, Store, UserId};
 use common::{Answer, answer, ask, post, send};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -85,6 +90,16 @@ async fn log(store: &Store, group: &GroupId) -> Vec<(u64, v1::Message)> {
             )
         })
         .collect()
+}
+
+/// The group's dedupe watermark (a group created here always has one).
+async fn watermark(store: &Store, group: &GroupId) -> u64 {
+    let gid = group.to_string();
+    store
+        .read(move |t, m| Ok(m.dedupe_indexed(t, &gid)?))
+        .await
+        .expect("read the watermark")
+        .expect("a new group has a watermark")
 }
 
 fn open(dir: &tempfile::TempDir) -> Store {
@@ -215,14 +230,45 @@ async fn retried_sends_ahead_of_a_pipelined_commit() {
     let first = router("pipe-first", &store).await;
     let alice = user("alice");
     let group = create(&first, &alice, &["bob"]).await;
-    let mut original = Vec::new();
-    for i in 0..300 {
-        let rx = post(&first, &group, &alice, send(&group, &format!("old-{i}"))).await;
-        original.push(rx);
-    }
+    // Three waves, so that later batches write the dedupe records of
+    // earlier ones (DEDUPE_FLUSH is 128): the retries of sends up to the
+    // watermark are found by the commit, the rest in the log tail that the
+    // new owner loads.
     let mut original_seqs = Vec::new();
-    for rx in original {
-        original_seqs.push(seq_of(answer(rx).await));
+    for wave in 0..3 {
+        let mut original = Vec::new();
+        for i in wave * 100..(wave + 1) * 100 {
+            let rx = post(&first, &group, &alice, send(&group, &format!("old-{i}"))).await;
+            original.push(rx);
+        }
+        for rx in original {
+            original_seqs.push(seq_of(answer(rx).await));
+        }
+    }
+    let indexed = watermark(&store, &group).await;
+    assert!(
+        indexed >= original_seqs[0] && indexed < *original_seqs.last().expect("sent"),
+        "some records are written, not all (watermark {indexed})"
+    );
+    let gid = group.to_string();
+    let records = store
+        .read(move |t, m| {
+            let mut records = Vec::new();
+            for i in 0..300 {
+                records.push(m.dedupe(t, &gid, "alice", &format!("old-{i}"))?);
+            }
+            Ok(records)
+        })
+        .await
+        .expect("read the records");
+    for (rec, seq) in records.iter().zip(&original_seqs) {
+        if *seq <= indexed {
+            assert_eq!(
+                rec.as_ref().map(|r| r.seq),
+                Some(*seq),
+                "recorded up to the watermark"
+            );
+        }
     }
 
     // A new owner (a fresh actor, its memory of recent sends empty) gets
@@ -253,5 +299,99 @@ async fn retried_sends_ahead_of_a_pipelined_commit() {
     assert!(
         counter("chat_group_abandoned_commits_total") > abandoned_before,
         "no batch waited behind one with retries: the test did not test that path"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_sends_recorded_only_in_the_log_get_their_first_seq() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let first = router("tail-first", &store).await;
+    let alice = user("alice");
+    let group = create(&first, &alice, &["bob"]).await;
+    let mut seqs = Vec::new();
+    for i in 0..50 {
+        seqs.push(seq_of(
+            ask(&first, &group, &alice, send(&group, &format!("t-{i}"))).await,
+        ));
+    }
+    // Fewer than DEDUPE_FLUSH sends: no record is written yet, only the log.
+    assert_eq!(watermark(&store, &group).await, 0);
+    let gid = group.to_string();
+    let recorded = store
+        .read(move |t, m| Ok(m.dedupe(t, &gid, "alice", "t-0")?))
+        .await
+        .expect("read");
+    assert!(
+        recorded.is_none(),
+        "the test needs a send without its record"
+    );
+
+    // A new owner (nothing in memory) answers every retry from the log tail
+    // it loaded, and writes nothing for them.
+    let second = router("tail-second", &store).await;
+    for (i, seq) in seqs.iter().enumerate() {
+        let again = ask(&second, &group, &alice, send(&group, &format!("t-{i}"))).await;
+        assert_eq!(seq_of(again), *seq, "retry {i}");
+    }
+    let next = seq_of(ask(&second, &group, &alice, send(&group, "t-new")).await);
+    let last = *seqs.last().expect("sent");
+    assert_eq!(next, last + 1, "no seq was taken by a retry");
+    assert_eq!(log(&store, &group).await.len() as u64, next);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dedupe_watermark_trails_the_head_by_a_bounded_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let node = router("trail", &store).await;
+    let alice = user("alice");
+    let group = create(&node, &alice, &["bob"]).await;
+    // Sends in waves of 40 (each wave about one batch, too small to record
+    // its own sends), then announcements only: those take seqs without
+    // dedupe records, and still move it.
+    let mut first_seq = 0;
+    for wave in 0..20 {
+        let mut rxs = Vec::new();
+        for i in 0..40 {
+            let cmid = format!("w{wave}-{i}");
+            rxs.push(post(&node, &group, &alice, send(&group, &cmid)).await);
+        }
+        for rx in rxs {
+            let seq = seq_of(answer(rx).await);
+            first_seq = if first_seq == 0 { seq } else { first_seq };
+        }
+    }
+    let head = log(&store, &group).await.len() as u64;
+    let indexed = watermark(&store, &group).await;
+    assert!(
+        head - indexed < (DEDUPE_FLUSH + 2 * 40) as u64,
+        "head {head}, watermark {indexed}"
+    );
+    for i in 0..(DEDUPE_LAG + 100) {
+        node.post_system(&group, format!("notice {i}"))
+            .await
+            .expect("announce");
+    }
+    let head = log(&store, &group).await.len() as u64;
+    let indexed = watermark(&store, &group).await;
+    assert!(
+        head - indexed <= DEDUPE_LAG + 1,
+        "head {head}, watermark {indexed}"
+    );
+    assert!(
+        indexed > 20 * 40,
+        "announcements moved it (watermark {indexed})"
+    );
+
+    // A new owner gets a retry of the first send alone (a batch of one,
+    // which reads the written records instead of inserting its own).
+    let second = router("trail-second", &store).await;
+    let again = ask(&second, &group, &alice, send(&group, "w0-0")).await;
+    assert_eq!(seq_of(again), first_seq, "found in the written records");
+    assert_eq!(
+        log(&store, &group).await.len() as u64,
+        head,
+        "nothing written"
     );
 }

@@ -18,6 +18,7 @@
 //! | `(g, gid, meta)` | [`GroupMeta`] |
 //! | `(g, gid, epoch)` | u64 big-endian: the current owner's epoch |
 //! | `(g, gid, head)` | u64 big-endian: last sequence number |
+//! | `(g, gid, indexed)` | u64 big-endian: every send with a seq up to it has its dedupe record |
 //! | `(g, gid, log, seq)` | message body |
 //! | `(g, gid, mem, uid)` | [`MemberRecord`] |
 //! | `(g, gid, dedupe, uid, client_msg_id)` | [`DedupeRecord`] |
@@ -185,12 +186,16 @@ impl Model {
     }
 
     fn get_u64(&self, t: &mut dyn Txn, key: &[u8]) -> Result<u64, Error> {
+        Ok(self.get_opt_u64(t, key)?.unwrap_or(0))
+    }
+
+    fn get_opt_u64(&self, t: &mut dyn Txn, key: &[u8]) -> Result<Option<u64>, Error> {
         match t.get(key)? {
-            None => Ok(0),
+            None => Ok(None),
             Some(v) => v
                 .as_slice()
                 .try_into()
-                .map(u64::from_be_bytes)
+                .map(|b| Some(u64::from_be_bytes(b)))
                 .map_err(|_| corrupt(key, "not a u64")),
         }
     }
@@ -438,6 +443,22 @@ impl Model {
         self.get_record(t, &self.key(&("g", gid, "dedupe", uid, client_msg_id)))
     }
 
+    /// Records the outcome of a send (the group actor writes most of these
+    /// in batches, behind the log: see [`Model::dedupe_indexed`]).
+    pub fn put_dedupe(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        uid: &str,
+        client_msg_id: &str,
+        rec: &DedupeRecord,
+    ) -> Result<(), Error> {
+        t.set(
+            &self.key(&("g", gid, "dedupe", uid, client_msg_id)),
+            &rec.encode_to_vec(),
+        )
+    }
+
     /// Records the outcome of a send unless `(uid, client_msg_id)` already
     /// has one; `false` (nothing written) when it has, so a retry is found
     /// by the write itself (one lookup, not a read then a write).
@@ -465,6 +486,18 @@ impl Model {
         client_msg_id: &str,
     ) -> Result<(), Error> {
         t.clear(&self.key(&("g", gid, "dedupe", uid, client_msg_id)))
+    }
+
+    /// The seq up to which every send of the group has its dedupe record;
+    /// the sends after it are found in the log. `None` for a group written
+    /// before this record existed (then every send has its record).
+    pub fn dedupe_indexed(&self, t: &mut dyn Txn, gid: &str) -> Result<Option<u64>, Error> {
+        self.get_opt_u64(t, &self.key(&("g", gid, "indexed")))
+    }
+
+    /// Moves the group's dedupe watermark (see [`Model::dedupe_indexed`]).
+    pub fn set_dedupe_indexed(&self, t: &mut dyn Txn, gid: &str, seq: u64) -> Result<(), Error> {
+        t.set(&self.key(&("g", gid, "indexed")), &be(seq))
     }
 
     /// Indexes `seq` as a reply in the thread of `parent`.

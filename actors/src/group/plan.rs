@@ -152,8 +152,20 @@ pub struct Writes {
     pub updates: Vec<(String, MemberRecord)>,
     /// Log entries.
     pub log: Vec<(u64, Vec<u8>)>,
-    /// Dedupe entries of the sends: `(user, clientMsgId, outcome)`.
-    pub dedupes: Vec<(String, String, DedupeRecord)>,
+    /// The batch's sends: `(user, clientMsgId, outcome)`. The transaction
+    /// checks that none has a dedupe record (a retry of a send committed
+    /// before this actor loaded the group, older than the log tail it
+    /// read). Their records are written with this batch when
+    /// `record_sends`, else later, in a later batch's `index`.
+    pub sends: Vec<(String, String, DedupeRecord)>,
+    /// Write the records of `sends` now (inserted where none exists, which
+    /// is also the check), instead of reading them now and writing later.
+    pub record_sends: bool,
+    /// Dedupe records of sends already committed, written now.
+    pub index: Vec<(String, String, DedupeRecord)>,
+    /// The new dedupe watermark ([`storage::model::Model::dedupe_indexed`]),
+    /// when `index` brings it up to date.
+    pub indexed: Option<u64>,
     /// Thread index entries `(parent, seq)`.
     pub threads: Vec<(u64, u64)>,
     /// Reactions `(seq, emoji, user, present)`.
@@ -378,11 +390,10 @@ impl Planner<'_> {
                 if let Some(parent) = s.reply_to_seq {
                     self.b.writes.threads.push((parent, seq));
                 }
-                self.b.writes.dedupes.push((
-                    user.to_string(),
-                    s.client_msg_id.clone(),
-                    rec.clone(),
-                ));
+                self.b
+                    .writes
+                    .sends
+                    .push((user.to_string(), s.client_msg_id.clone(), rec.clone()));
                 self.b.effects.push(Effect::SenderRead(user.clone(), seq));
                 Ok((sent(&self.s.id, &s.client_msg_id, &rec), false))
             }

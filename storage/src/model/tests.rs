@@ -162,6 +162,7 @@ fn dedupe_threads_reactions_and_last_seen() {
         seq: 6,
         sent_at_ms: 10,
     };
+    assert_eq!(get(&kv, |t| Ok(m.dedupe_indexed(t, "g")?)), None);
     let inserted = write(&kv, |t| {
         Ok((
             m.insert_dedupe(t, "g", "u", "c1", &first)?,
@@ -175,6 +176,9 @@ fn dedupe_threads_reactions_and_last_seen() {
         // A committed record refuses a retry too, and keeps its outcome.
         assert!(!m.insert_dedupe(t, "g", "u", "c1", &retry)?);
         m.clear_dedupe(t, "g", "u", "taken-back")?;
+        m.put_dedupe(t, "g", "u", "c2", &retry)?;
+        m.set_dedupe_indexed(t, "g", 5)?;
+        m.set_dedupe_indexed(t, "g2", 0)?;
         for s in [11, 12, 15] {
             m.put_thread(t, "g", 10, s)?;
         }
@@ -186,6 +190,10 @@ fn dedupe_threads_reactions_and_last_seen() {
     assert_eq!(hit.map(|d| (d.seq, d.sent_at_ms)), Some((5, 9)));
     assert!(get(&kv, |t| Ok(m.dedupe(t, "g", "other", "c1")?)).is_none());
     assert!(get(&kv, |t| Ok(m.dedupe(t, "g", "u", "taken-back")?)).is_none());
+    let put = get(&kv, |t| Ok(m.dedupe(t, "g", "u", "c2")?));
+    assert_eq!(put.map(|d| d.seq), Some(6));
+    assert_eq!(get(&kv, |t| Ok(m.dedupe_indexed(t, "g")?)), Some(5));
+    assert_eq!(get(&kv, |t| Ok(m.dedupe_indexed(t, "g2")?)), Some(0));
     assert_eq!(
         get(&kv, |t| Ok(m.thread_seqs(t, "g", 10, 0, 2)?)),
         (vec![11, 12], true)
