@@ -19,7 +19,6 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use prost::Message as _;
 use proto::v1::{self, client_frame::Kind as Req, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use storage::TxError;
@@ -27,6 +26,7 @@ use storage::model::{LogQuery, role};
 use tracing::debug;
 
 use crate::error::{ChatError, ChatResult};
+use crate::group::decode_entry;
 use crate::ids::{GroupId, SessionId, UserId};
 use crate::outbound::{ReplyTo, SessionHandle};
 use crate::presence::{PresenceOp, SessionAddr};
@@ -385,7 +385,7 @@ async fn history(
         .await?;
     let mut messages = Vec::with_capacity(entries.len());
     for ((seq, body), reacts) in entries.into_iter().zip(reactions) {
-        let mut msg = v1::Message::decode(&body[..])
+        let mut msg = decode_entry(group, seq, &body)
             .map_err(|e| ChatError::Internal(format!("log entry {seq}: {e}")))?;
         msg.reactions = count_reactions(reacts);
         messages.push(msg);

@@ -167,6 +167,12 @@ async fn conversation_among_four_users() -> Result<()> {
         other => bail!("history with numeric afterSeq: {other:?} ({value})"),
     };
     check::dense(&msgs.messages, 2, 4)?;
+    // Stored entries leave out their group id and seq; history puts them back.
+    ensure!(
+        msgs.messages.iter().all(|m| m.group_id == gid),
+        "history messages without their group id: {:?}",
+        msgs.messages
+    );
     ensure!(
         value["messages"]["messages"][0]["seq"] == "2",
         "raw history JSON {value}"

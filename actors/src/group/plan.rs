@@ -238,9 +238,9 @@ impl Planner<'_> {
         self.b.writes.head + 1
     }
 
-    fn append(&mut self, msg: v1::Message) -> u64 {
+    fn append(&mut self, mut msg: v1::Message) -> u64 {
         let seq = msg.seq;
-        self.b.writes.log.push((seq, encode(&msg)));
+        self.b.writes.log.push((seq, encode(&mut msg)));
         self.b.writes.head = seq;
         self.b.pushes.push(Kind::Message(msg));
         seq
