@@ -440,7 +440,11 @@ impl Model {
         uid: &str,
         client_msg_id: &str,
     ) -> Result<Option<DedupeRecord>, Error> {
-        self.get_record(t, &self.key(&("g", gid, "dedupe", uid, client_msg_id)))
+        self.get_record(t, &self.dedupe_key(gid, uid, client_msg_id))
+    }
+
+    fn dedupe_key(&self, gid: &str, uid: &str, client_msg_id: &str) -> Vec<u8> {
+        self.key(&("g", gid, "dedupe", uid, client_msg_id))
     }
 
     /// Records the outcome of a send (the group actor writes most of these
@@ -454,7 +458,7 @@ impl Model {
         rec: &DedupeRecord,
     ) -> Result<(), Error> {
         t.set(
-            &self.key(&("g", gid, "dedupe", uid, client_msg_id)),
+            &self.dedupe_key(gid, uid, client_msg_id),
             &rec.encode_to_vec(),
         )
     }
@@ -471,7 +475,7 @@ impl Model {
         rec: &DedupeRecord,
     ) -> Result<bool, Error> {
         t.insert_new(
-            &self.key(&("g", gid, "dedupe", uid, client_msg_id)),
+            &self.dedupe_key(gid, uid, client_msg_id),
             &rec.encode_to_vec(),
         )
     }
@@ -485,7 +489,7 @@ impl Model {
         uid: &str,
         client_msg_id: &str,
     ) -> Result<(), Error> {
-        t.clear(&self.key(&("g", gid, "dedupe", uid, client_msg_id)))
+        t.clear(&self.dedupe_key(gid, uid, client_msg_id))
     }
 
     /// The seq up to which every send of the group has its dedupe record;
