@@ -336,8 +336,16 @@ impl Actor for Group {
                 let members = m.members(t, &gid)?;
                 // Who sent the recent messages: receipts go to them.
                 let recent = m.log_page(t, &gid, LogQuery::Latest, receipts::RECENT)?;
-                // The sends whose dedupe records are not written yet.
-                let indexed = m.dedupe_indexed(t, &gid)?.unwrap_or(head).min(head);
+                // The sends whose dedupe records are not written yet. A group
+                // written before the watermark existed has all its records:
+                // it gets one now, before its sends start to defer theirs.
+                let indexed = match m.dedupe_indexed(t, &gid)? {
+                    Some(indexed) => indexed.min(head),
+                    None => {
+                        m.set_dedupe_indexed(t, &gid, head)?;
+                        head
+                    }
+                };
                 let tail = match head - indexed {
                     0 => Vec::new(),
                     n => {

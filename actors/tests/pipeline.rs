@@ -92,14 +92,14 @@ async fn log(store: &Store, group: &GroupId) -> Vec<(u64, v1::Message)> {
         .collect()
 }
 
-/// The group's dedupe watermark (a group created here always has one).
+/// The group's dedupe watermark (every group created or loaded has one).
 async fn watermark(store: &Store, group: &GroupId) -> u64 {
     let gid = group.to_string();
     store
         .read(move |t, m| Ok(m.dedupe_indexed(t, &gid)?))
         .await
         .expect("read the watermark")
-        .expect("a new group has a watermark")
+        .expect("the group has a watermark")
 }
 
 fn open(dir: &tempfile::TempDir) -> Store {
@@ -394,4 +394,41 @@ async fn the_dedupe_watermark_trails_the_head_by_a_bounded_tail() {
         head,
         "nothing written"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_from_before_the_watermark_gets_one_when_it_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let first = router("old-first", &store).await;
+    let alice = user("alice");
+    let group = create(&first, &alice, &["bob"]).await;
+    // As if written by a build that recorded every send in its own batch.
+    let gid = group.to_string();
+    store
+        .write(move |t, m| Ok(m.clear_dedupe_indexed(t, &gid)?))
+        .await
+        .expect("clear the watermark");
+
+    // A new owner loads it, then defers its sends' records.
+    let second = router("old-second", &store).await;
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        seqs.push(seq_of(
+            ask(&second, &group, &alice, send(&group, &format!("o-{i}"))).await,
+        ));
+    }
+    assert_eq!(
+        watermark(&store, &group).await,
+        1,
+        "set to the head at loading"
+    );
+
+    // The next owner finds those sends in the log tail past it.
+    let third = router("old-third", &store).await;
+    for (i, seq) in seqs.iter().enumerate() {
+        let again = ask(&third, &group, &alice, send(&group, &format!("o-{i}"))).await;
+        assert_eq!(seq_of(again), *seq, "retry {i}");
+    }
+    assert_eq!(log(&store, &group).await.len(), 6, "nothing written twice");
 }

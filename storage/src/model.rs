@@ -499,6 +499,12 @@ impl Model {
         self.get_opt_u64(t, &self.key(&("g", gid, "indexed")))
     }
 
+    /// Removes the group's dedupe watermark, leaving it as a group written
+    /// before the watermark existed (tests make such groups with it).
+    pub fn clear_dedupe_indexed(&self, t: &mut dyn Txn, gid: &str) -> Result<(), Error> {
+        t.clear(&self.key(&("g", gid, "indexed")))
+    }
+
     /// Moves the group's dedupe watermark (see [`Model::dedupe_indexed`]).
     pub fn set_dedupe_indexed(&self, t: &mut dyn Txn, gid: &str, seq: u64) -> Result<(), Error> {
         t.set(&self.key(&("g", gid, "indexed")), &be(seq))
