@@ -205,9 +205,10 @@ impl Member {
 /// - `dirty` ⊆ keys of `members`: members whose pointers changed since the
 ///   last pointer write; `pointer_waiters` are answered when they are written.
 /// - Every send committed with a seq ≤ `indexed` has its dedupe record in
-///   storage, where `indexed` is the stored watermark; `unindexed` holds
-///   exactly the committed sends without one (all after `indexed`, up to
-///   `head`; a batch that records its own sends adds none). At most one
+///   storage, where `indexed` is the stored watermark; every committed send
+///   without one is in `unindexed` (all after `indexed`, up to `head`). It
+///   may hold some that have one too: the log tail read at loading does
+///   not tell them apart, and rewriting a record is harmless. At most one
 ///   commit in flight moves the watermark.
 pub struct GroupState {
     id: GroupId,
@@ -233,7 +234,7 @@ pub struct GroupState {
     recent_order: VecDeque<(UserId, String)>,
     /// The stored dedupe watermark (see the invariants).
     indexed: u64,
-    /// Committed sends after `indexed`, whose records are still to write.
+    /// Committed sends after `indexed` whose records may still be missing.
     unindexed: HashMap<(UserId, String), DedupeRecord>,
     /// Last forwarded typing indicator per user.
     typing: HashMap<UserId, Instant>,
