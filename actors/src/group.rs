@@ -335,8 +335,6 @@ impl Actor for Group {
                 let epoch = m.claim_epoch(t, &gid)?;
                 let head = m.head(t, &gid)?;
                 let members = m.members(t, &gid)?;
-                // Who sent the recent messages: receipts go to them.
-                let recent = m.log_page(t, &gid, LogQuery::Latest, receipts::RECENT)?;
                 // The sends whose dedupe records are not written yet. A group
                 // written before the watermark existed has all its records:
                 // it gets one now, before its sends start to defer theirs.
@@ -347,28 +345,19 @@ impl Actor for Group {
                         head
                     }
                 };
-                let tail = match head - indexed {
-                    0 => Vec::new(),
-                    n => {
-                        let n = usize::try_from(n).unwrap_or(usize::MAX);
-                        m.log_page(t, &gid, LogQuery::After(indexed), n)?.entries
-                    }
-                };
-                Ok(Some((
-                    meta,
-                    epoch,
-                    head,
-                    members,
-                    recent.entries,
-                    indexed,
-                    tail,
-                )))
+                // One read of the log's end: the tail past the watermark, and
+                // the recent messages, whose senders get receipts.
+                let unindexed = usize::try_from(head - indexed).unwrap_or(usize::MAX);
+                let limit = unindexed.max(receipts::RECENT);
+                let end = m.log_page(t, &gid, LogQuery::Latest, limit)?;
+                Ok(Some((meta, epoch, head, members, indexed, end.entries)))
             })
             .await
             .map_err(|e| format!("loading group {}: {e}", state.id))?;
-        if let Some((meta, epoch, head, members, recent, indexed, tail)) = loaded {
+        if let Some((meta, epoch, head, members, indexed, end)) = loaded {
             state.indexed = indexed;
-            for (seq, body) in tail {
+            let recent_from = end.len().saturating_sub(receipts::RECENT);
+            for (i, (seq, body)) in end.into_iter().enumerate() {
                 let msg = match v1::Message::decode(&body[..]) {
                     Ok(msg) => msg,
                     Err(e) => {
@@ -377,22 +366,18 @@ impl Actor for Group {
                         continue;
                     }
                 };
-                if msg.system.is_none()
-                    && !msg.client_msg_id.is_empty()
-                    && let Some(sender) = UserId::parse(&msg.sender_id)
-                {
+                let Some(sender) = UserId::parse(&msg.sender_id) else {
+                    continue;
+                };
+                if i >= recent_from {
+                    state.receipts.sent(seq, &sender);
+                }
+                if seq > indexed && msg.system.is_none() && !msg.client_msg_id.is_empty() {
                     let rec = DedupeRecord {
                         seq,
                         sent_at_ms: msg.sent_at_ms,
                     };
                     state.unindexed.insert((sender, msg.client_msg_id), rec);
-                }
-            }
-            for (seq, body) in recent {
-                if let Ok(msg) = v1::Message::decode(&body[..])
-                    && let Some(sender) = UserId::parse(&msg.sender_id)
-                {
-                    state.receipts.sent(seq, &sender);
                 }
             }
             state.members = members
