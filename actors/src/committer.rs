@@ -242,14 +242,24 @@ type Dups = Vec<(String, String, DedupeRecord)>;
 /// 31.8, 30.5k/s for the build before deferred records, where the reads
 /// in the transaction gave +10%; docs/benchmarks.md, round 10).
 fn recorded_sends(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>, storage::Error> {
-    let gid = w.group.as_str();
+    let dups = records_of(t, m, &w.group, &w.sends)?;
+    Ok((!dups.is_empty()).then_some(dups))
+}
+
+/// The stored dedupe records of `sends` that have one, with their sends.
+fn records_of<'a>(
+    t: &mut dyn Txn,
+    m: &Model,
+    gid: &str,
+    sends: impl IntoIterator<Item = &'a (String, String, DedupeRecord)>,
+) -> Result<Dups, storage::Error> {
     let mut dups = Vec::new();
-    for (u, c, _) in &w.sends {
+    for (u, c, _) in sends {
         if let Some(rec) = m.dedupe(t, gid, u, c)? {
             dups.push((u.clone(), c.clone(), rec));
         }
     }
-    Ok((!dups.is_empty()).then_some(dups))
+    Ok(dups)
 }
 
 /// A batch that records its own sends ([`Writes::record_sends`]) writes a
@@ -267,15 +277,15 @@ fn insert_dedupes(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>
     if inserted.iter().all(|&i| i) {
         return Ok(None);
     }
-    let mut dups = Vec::new();
-    for ((u, c, _), inserted) in w.sends.iter().zip(inserted) {
+    let mut refused = Vec::new();
+    for (send, inserted) in w.sends.iter().zip(inserted) {
         if inserted {
-            m.clear_dedupe(t, gid, u, c)?;
-        } else if let Some(rec) = m.dedupe(t, gid, u, c)? {
-            dups.push((u.clone(), c.clone(), rec));
+            m.clear_dedupe(t, gid, &send.0, &send.1)?;
+        } else {
+            refused.push(send);
         }
     }
-    Ok(Some(dups))
+    Ok(Some(records_of(t, m, gid, refused)?))
 }
 
 /// Reads only: the fence, the head, a concurrent creation, and the member
