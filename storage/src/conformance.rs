@@ -45,6 +45,7 @@ const SUITE: &[(&str, Check)] = &[
     ("range_order_and_bounds", range_order_and_bounds),
     ("range_many_batches", range_many_batches),
     ("clear_range", clear_range),
+    ("values_of_every_size", values_of_every_size),
     ("snapshot_isolation", snapshot_isolation),
     ("uncommitted_writes_invisible", uncommitted_writes_invisible),
     ("concurrent_increments", concurrent_increments),
@@ -578,6 +579,81 @@ fn clear_range(kv: &dyn Kv, p: &[u8]) {
     run::<_, ()>(kv, |t| Ok(t.clear(&sibling)?)).expect("cleanup");
 }
 
+/// Value lengths around the sizes engines treat differently: SQLite keeps
+/// values of 128 bytes or more out of its key tree, and spills cells of
+/// about 1 KB or more (4 KiB pages) to overflow pages; FoundationDB allows
+/// values up to 100 kB.
+const VALUE_SIZES: &[usize] = &[0, 1, 127, 128, 129, 1_000, 4_100, 100_000];
+
+/// A value of `len` bytes that also says which `round` wrote it.
+fn sized_value(len: usize, round: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(round))
+        .collect()
+}
+
+fn values_of_every_size(kv: &dyn Kv, p: &[u8]) {
+    let key = |i: usize| k(p, &[b'v', i as u8]);
+    // Round 0 writes each size; rounds 1 and 2 overwrite every key with the
+    // sizes shifted by one, so each key goes from short to long and back.
+    for round in 0..3u8 {
+        let n = VALUE_SIZES.len();
+        let want: Vec<Pair> = (0..n)
+            .map(|i| {
+                let len = VALUE_SIZES[(i + usize::from(round)) % n];
+                (key(i), sized_value(len, round))
+            })
+            .collect();
+        run::<_, ()>(kv, |t| {
+            for (key, value) in &want {
+                t.set(key, value)?;
+            }
+            Ok(())
+        })
+        .expect("write");
+        for (key, value) in &want {
+            assert_eq!(get(kv, key).as_ref(), Some(value), "round {round}");
+        }
+        assert_eq!(all(kv, p), want, "forward range, round {round}");
+        let mut reversed = want.clone();
+        reversed.reverse();
+        let end = end_of(p);
+        assert_eq!(
+            range(kv, p, &end, RangeOpts::reverse(0)),
+            reversed,
+            "reverse range, round {round}"
+        );
+    }
+
+    // insert_new of a long value: refused on a taken key (which keeps its
+    // value), accepted on a free one; rolled back with its transaction.
+    let long = sized_value(1_000, 9);
+    let before = get(kv, &key(0));
+    let (taken, free) = run::<_, ()>(kv, |t| {
+        Ok((
+            t.insert_new(&key(0), &long)?,
+            t.insert_new(&k(p, b"new"), &long)?,
+        ))
+    })
+    .expect("insert_new");
+    assert_eq!((taken, free), (false, true));
+    assert_eq!(get(kv, &key(0)), before, "a taken key keeps its value");
+    assert_eq!(get(kv, &k(p, b"new")), Some(long.clone()));
+    {
+        let mut t = kv.begin(TxMode::ReadWrite).expect("begin");
+        t.set(&key(1), &long).expect("set");
+        t.set(&k(p, b"dropped"), &long).expect("set");
+    }
+    assert_ne!(get(kv, &key(1)), Some(long.clone()), "rolled back");
+    assert_eq!(get(kv, &k(p, b"dropped")), None, "rolled back");
+
+    // Clearing one key, then the rest by range.
+    run::<_, ()>(kv, |t| Ok(t.clear(&key(2))?)).expect("clear");
+    assert_eq!(get(kv, &key(2)), None);
+    run::<_, ()>(kv, |t| Ok(t.clear_range(p, &end_of(p))?)).expect("clear range");
+    assert!(all(kv, p).is_empty(), "prefix cleared");
+}
+
 fn snapshot_isolation(kv: &dyn Kv, p: &[u8]) {
     let (a, b) = (k(p, b"a"), k(p, b"b"));
     put(kv, &a, b"v1");
@@ -739,6 +815,84 @@ fn sqlite_checkpoints_in_the_background() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(all(&kv, b"c").len(), 300);
+}
+
+/// The rows of `kv_values` (long values, kept out of the key tree) that no
+/// key points at, and the keys that point at no row: both must be none.
+fn sqlite_value_orphans(path: &Path) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).expect(sql);
+    (
+        count(
+            "SELECT count(*) FROM kv_values v WHERE NOT EXISTS \
+             (SELECT 1 FROM kv WHERE typeof(kv.value) = 'integer' AND kv.value = v.id)",
+        ),
+        count(
+            "SELECT count(*) FROM kv WHERE typeof(kv.value) = 'integer' AND NOT EXISTS \
+             (SELECT 1 FROM kv_values v WHERE v.id = kv.value)",
+        ),
+    )
+}
+
+/// Every overwrite, clear and range clear of a long value also deletes its
+/// `kv_values` row: after the suite's checks of every value size (which end
+/// with all their keys cleared) and a set of long values overwritten by
+/// short ones and back, nothing is left over and nothing is missing.
+#[test]
+fn sqlite_long_values_leave_no_orphans() {
+    let (_dir, path) = temp_db();
+    let kv = SqliteKv::open(&path, SqliteOptions::default()).expect("open");
+    values_of_every_size(&kv, b"sizes\x00");
+    for round in 0..4u8 {
+        run::<_, ()>(&kv, |t| {
+            for i in 0..50u8 {
+                let len = if (i + round) % 2 == 0 { 300 } else { 10 };
+                t.set(&[b'o', i], &sized_value(len, round))?;
+            }
+            Ok(())
+        })
+        .expect("write");
+    }
+    let count_rows = |table: &str| -> i64 {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .expect("count")
+    };
+    assert_eq!(count_rows("kv_values"), 25, "one row per long value");
+    assert_eq!(sqlite_value_orphans(&path), (0, 0));
+    run::<_, ()>(&kv, |t| Ok(t.clear_range(b"o", b"p")?)).expect("clear");
+    assert_eq!(count_rows("kv_values"), 0, "cleared with their keys");
+    assert_eq!(sqlite_value_orphans(&path), (0, 0));
+}
+
+/// A file written before long values moved out of the key tree (a `kv`
+/// table only, every value inline) opens, reads as before, and takes long
+/// values from then on.
+#[test]
+fn sqlite_opens_a_file_of_the_older_schema() {
+    let (_dir, path) = temp_db();
+    let long = sized_value(500, 1);
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;\
+             CREATE TABLE kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;",
+        )
+        .expect("old schema");
+        conn.execute(
+            "INSERT INTO kv (key, value) VALUES (?1, ?2), (?3, ?4)",
+            rusqlite::params![&b"old-long"[..], &long, &b"old-short"[..], &b"s"[..]],
+        )
+        .expect("old rows");
+    }
+    let kv = SqliteKv::open(&path, SqliteOptions::default()).expect("open");
+    assert_eq!(get(&kv, b"old-long"), Some(long.clone()));
+    assert_eq!(get(&kv, b"old-short").as_deref(), Some(&b"s"[..]));
+    put(&kv, b"new-long", &long);
+    put(&kv, b"old-long", &sized_value(700, 2));
+    assert_eq!(get(&kv, b"new-long"), Some(long));
+    assert_eq!(get(&kv, b"old-long"), Some(sized_value(700, 2)));
+    assert_eq!(sqlite_value_orphans(&path), (0, 0));
 }
 
 #[test]

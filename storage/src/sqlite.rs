@@ -1,9 +1,10 @@
 //! The embedded engine: the [`Kv`] contract on one SQLite file in WAL mode.
 //!
-//! Owns the database file's schema (one table,
-//! `kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`; BLOBs compare
-//! with `memcmp`, which is the contract's unsigned byte order), its pragmas
-//! and this process's connections to it.
+//! Owns the database file's schema (every key in
+//! `kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`, whose BLOBs
+//! compare with `memcmp`, the contract's unsigned byte order; values of 128
+//! bytes or more in the rowid table `kv_values`, see [`SCHEMA`]), its
+//! pragmas and this process's connections to it.
 //!
 //! Who talks to it: `node` opens it ([`SqliteKv::open`]); everything else goes
 //! through the [`Kv`]/[`Txn`] traits (`run`/`read`), from blocking threads.
@@ -89,19 +90,70 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// for the writer, then the WAL starts over) instead of `PASSIVE`.
 const WAL_RESTART_PAGES: i64 = 16 * 1024;
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS kv (\
-    key BLOB PRIMARY KEY, \
-    value BLOB NOT NULL\
-) WITHOUT ROWID";
-const SQL_GET: &str = "SELECT value FROM kv WHERE key = ?1";
-const SQL_RANGE_FORWARD: &str =
-    "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key ASC LIMIT ?3";
-const SQL_RANGE_REVERSE: &str =
-    "SELECT key, value FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3";
+/// Values at least this long are kept out of the `kv` tree, in `kv_values`
+/// (see [`SCHEMA`]). Shorter ones (counters, heads, member and dedupe
+/// records: under 64 bytes) stay inline, where an overwrite costs one leaf.
+const SEPARATE_MIN_BYTES: usize = 128;
+
+/// The schema, created when a file is opened (and added to older files).
+///
+/// `kv` holds every key, in the contract's order. A value shorter than
+/// [`SEPARATE_MIN_BYTES`] is stored in `kv.value` as a BLOB; a longer one as
+/// a row of `kv_values` (a rowid table), and `kv.value` then holds that
+/// row's id as an INTEGER. (The column has BLOB affinity, so SQLite keeps
+/// each value's type as bound; values from callers are always bound as
+/// BLOBs, so the two never mix up.)
+///
+/// Why: `kv` is an index B-tree, and every group's log grows in its middle.
+/// An index B-tree balances an overflowing leaf with its neighbours, and
+/// with ~270-byte cells (a 44-byte key and its entry) a leaf overflows every
+/// few log entries. With an 8-byte id a leaf holds ~5 times as many cells,
+/// and the entries themselves go to the right edge of `kv_values`, whose new
+/// rows take the next rowid: SQLite adds a page there without rebalancing.
+///
+/// Invariant: `kv_values` holds exactly the rows that some `kv.value` points
+/// at. The four writes below keep it: a write over a long value, a clear and
+/// a range clear delete the rows they unlink. (Triggers would keep it too,
+/// but an `UPDATE` trigger makes every upsert open a statement journal:
+/// measured, a copy of each page it touches.)
+const SCHEMA: &str = "\
+CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv_values (id INTEGER PRIMARY KEY, value BLOB NOT NULL);";
+/// A stored value as the caller wrote it: inline, or from `kv_values`.
+macro_rules! stored_value {
+    () => {
+        "CASE typeof(kv.value) WHEN 'integer' \
+         THEN (SELECT v.value FROM kv_values v WHERE v.id = kv.value) \
+         ELSE kv.value END"
+    };
+}
+const SQL_GET: &str = concat!("SELECT ", stored_value!(), " FROM kv WHERE key = ?1");
+const SQL_EXISTS: &str = "SELECT 1 FROM kv WHERE key = ?1";
+const SQL_RANGE_FORWARD: &str = concat!(
+    "SELECT key, ",
+    stored_value!(),
+    " FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key ASC LIMIT ?3"
+);
+const SQL_RANGE_REVERSE: &str = concat!(
+    "SELECT key, ",
+    stored_value!(),
+    " FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3"
+);
+/// Inserts, or overwrites an inline value; changes nothing (0 rows) when the
+/// key holds a long value, whose row must go first ([`SQL_UNLINK`]).
 const SQL_SET: &str = "INSERT INTO kv (key, value) VALUES (?1, ?2) \
-    ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+    ON CONFLICT (key) DO UPDATE SET value = excluded.value \
+    WHERE typeof(kv.value) <> 'integer'";
+const SQL_UPDATE: &str = "UPDATE kv SET value = ?2 WHERE key = ?1";
 const SQL_INSERT_NEW: &str =
     "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING";
+const SQL_PUT_VALUE: &str = "INSERT INTO kv_values (value) VALUES (?1)";
+/// Deletes the `kv_values` row of the long value at a key, if it has one.
+const SQL_UNLINK: &str = "DELETE FROM kv_values WHERE id = \
+    (SELECT value FROM kv WHERE key = ?1 AND typeof(value) = 'integer')";
+/// Deletes the `kv_values` rows of the long values in a range of keys.
+const SQL_UNLINK_RANGE: &str = "DELETE FROM kv_values WHERE id IN \
+    (SELECT value FROM kv WHERE key >= ?1 AND key < ?2 AND typeof(value) = 'integer')";
 const SQL_CLEAR: &str = "DELETE FROM kv WHERE key = ?1";
 const SQL_CLEAR_RANGE: &str = "DELETE FROM kv WHERE key >= ?1 AND key < ?2";
 
@@ -297,29 +349,54 @@ impl Txn for SqliteTxn<'_> {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
-        self.writable()?
+        let conn = self.writable()?;
+        let stored = store_value(conn, value)?;
+        if conn
             .prepare_cached(SQL_SET)?
-            .execute(params![key, value])?;
+            .execute(params![key, stored])?
+            == 0
+        {
+            // The key holds a long value: drop its row, then overwrite.
+            conn.prepare_cached(SQL_UNLINK)?.execute([key])?;
+            conn.prepare_cached(SQL_UPDATE)?
+                .execute(params![key, stored])?;
+        }
         Ok(())
     }
 
     fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error> {
+        let conn = self.writable()?;
+        if value.len() >= SEPARATE_MIN_BYTES {
+            // Look first, so that a taken key costs no `kv_values` row.
+            let taken = conn
+                .prepare_cached(SQL_EXISTS)?
+                .query_row([key], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if taken {
+                return Ok(false);
+            }
+        }
         // One B-tree descent: the row count says whether the key was free.
-        let inserted = self
-            .writable()?
+        let stored = store_value(conn, value)?;
+        let inserted = conn
             .prepare_cached(SQL_INSERT_NEW)?
-            .execute(params![key, value])?;
+            .execute(params![key, stored])?;
         Ok(inserted == 1)
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), Error> {
-        self.writable()?.prepare_cached(SQL_CLEAR)?.execute([key])?;
+        let conn = self.writable()?;
+        conn.prepare_cached(SQL_UNLINK)?.execute([key])?;
+        conn.prepare_cached(SQL_CLEAR)?.execute([key])?;
         Ok(())
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), Error> {
-        self.writable()?
-            .prepare_cached(SQL_CLEAR_RANGE)?
+        let conn = self.writable()?;
+        conn.prepare_cached(SQL_UNLINK_RANGE)?
+            .execute([begin, end])?;
+        conn.prepare_cached(SQL_CLEAR_RANGE)?
             .execute([begin, end])?;
         Ok(())
     }
@@ -344,6 +421,32 @@ impl Drop for SqliteTxn<'_> {
                 }
             }
             self.pool.put(conn);
+        }
+    }
+}
+
+/// What goes into `kv.value` for `value`: the value itself, or, if it is
+/// long enough to be kept out of the `kv` tree ([`SCHEMA`]), the id of the
+/// new `kv_values` row that now holds it.
+fn store_value<'v>(conn: &Connection, value: &'v [u8]) -> Result<Stored<'v>, Error> {
+    if value.len() < SEPARATE_MIN_BYTES {
+        return Ok(Stored::Inline(value));
+    }
+    conn.prepare_cached(SQL_PUT_VALUE)?.execute([value])?;
+    Ok(Stored::Separate(conn.last_insert_rowid()))
+}
+
+/// The content of a `kv.value` cell, bound as a BLOB or an INTEGER.
+enum Stored<'v> {
+    Inline(&'v [u8]),
+    Separate(i64),
+}
+
+impl rusqlite::ToSql for Stored<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Stored::Inline(value) => value.to_sql(),
+            Stored::Separate(id) => id.to_sql(),
         }
     }
 }
