@@ -580,10 +580,11 @@ fn clear_range(kv: &dyn Kv, p: &[u8]) {
 }
 
 /// Value lengths around the sizes engines treat differently: SQLite keeps
-/// values of 128 bytes or more out of its key tree, and spills cells of
-/// about 1 KB or more (4 KiB pages) to overflow pages; FoundationDB allows
-/// values up to 100 kB.
-const VALUE_SIZES: &[usize] = &[0, 1, 127, 128, 129, 1_000, 4_100, 100_000];
+/// values of 128 bytes or more out of its key tree, and spills to overflow
+/// pages what does not fit in a cell (4 KiB pages: ~1 KB in the key tree,
+/// ~4 KB in the table of long values); FoundationDB allows
+/// values up to 100,000 bytes (the largest here stays under that).
+const VALUE_SIZES: &[usize] = &[0, 1, 127, 128, 129, 1_000, 4_100, 90_000];
 
 /// A value of `len` bytes that also says which `round` wrote it.
 fn sized_value(len: usize, round: u8) -> Vec<u8> {
