@@ -35,6 +35,10 @@ pub const PORT_ATTEMPTS: u32 = 5;
 /// Lines of the node log printed when something fails.
 pub const LOG_TAIL_LINES: usize = 80;
 
+/// Starts each start's section of the node log (followed by the start's
+/// number, binary and address).
+const START_MARKER: &str = "=== harness: start #";
+
 /// The config the harness writes for a node (same format as
 /// `cluster-config/single.toml`). Tests change the limits they exercise.
 #[derive(Debug, Clone)]
@@ -304,12 +308,15 @@ impl NodeProcess {
             match self.spawn_and_wait().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    let tail = self.log_tail(LOG_TAIL_LINES);
-                    let collision = tail.contains("in use") || tail.contains("AddrInUse");
+                    // The whole of this start's output, not the tail: a
+                    // backtrace can push the error line out of any tail.
+                    let output = self.last_start_output();
+                    let collision = output.contains("in use") || output.contains("AddrInUse");
                     if !collision {
                         return Err(e.context(format!(
-                            "node failed to start; log {}:\n{tail}",
-                            self.log_path.display()
+                            "node failed to start; log {}:\n{}",
+                            self.log_path.display(),
+                            self.start_failure_excerpt()
                         )));
                     }
                     last_err = Some(e);
@@ -319,9 +326,36 @@ impl NodeProcess {
         Err(last_err
             .unwrap_or_else(|| anyhow::anyhow!("no start attempt"))
             .context(format!(
-                "node failed to start on {PORT_ATTEMPTS} ports; log tail:\n{}",
-                self.log_tail(LOG_TAIL_LINES)
+                "node failed to start on {PORT_ATTEMPTS} ports; log:\n{}",
+                self.start_failure_excerpt()
             )))
+    }
+
+    /// What the node wrote since the harness last started it.
+    fn last_start_output(&self) -> String {
+        let text = self.log_text();
+        match text.rfind(START_MARKER) {
+            Some(at) => text[at..].to_string(),
+            None => text,
+        }
+    }
+
+    /// The last start's `Error:` report (its cause chain, up to the
+    /// backtrace), then the log's tail: what a reader of a failed test needs,
+    /// even when a long backtrace fills the tail.
+    fn start_failure_excerpt(&self) -> String {
+        let output = self.last_start_output();
+        let report: Vec<&str> = output
+            .lines()
+            .skip_while(|l| !l.starts_with("Error:"))
+            .take_while(|l| !l.contains("backtrace"))
+            .take(20)
+            .collect();
+        format!(
+            "{}\n--- log tail ---\n{}",
+            report.join("\n"),
+            self.log_tail(LOG_TAIL_LINES)
+        )
     }
 
     async fn spawn_and_wait(&mut self) -> Result<()> {
@@ -338,7 +372,7 @@ impl NodeProcess {
             .context("open node log")?;
         writeln!(
             log,
-            "=== harness: start #{} of {} on {} ===",
+            "{START_MARKER}{} of {} on {} ===",
             self.starts,
             self.bin.display(),
             self.addr

@@ -53,6 +53,9 @@ const RECEIPTS_INTERVAL: Duration = Duration::from_millis(500);
 /// last pointer moved (interval + pointer flush + scheduling slack).
 const RECEIPTS_SETTLE: Duration = Duration::from_millis(2_000);
 
+/// Starts each start's section of a node's log.
+const START_MARKER: &str = "=== receipts_presence: start #";
+
 fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -161,10 +164,16 @@ impl Node {
             match self.spawn_once().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    let tail = self.log_tail(40);
                     self.stop(Duration::from_secs(5));
-                    if !tail.contains("in use") {
-                        return Err(e.context(format!("node failed to start:\n{tail}")));
+                    // This start's whole output: a backtrace (RUST_BACKTRACE)
+                    // can push the error line out of any tail.
+                    let log = self.log_text();
+                    let this_start = log.rfind(START_MARKER).map_or(&log[..], |at| &log[at..]);
+                    if !this_start.contains("in use") {
+                        let tail = self.log_tail(40);
+                        return Err(e.context(format!(
+                            "node failed to start:\n{this_start}\n--- log tail ---\n{tail}"
+                        )));
                     }
                     last = Some(e);
                 }
@@ -182,11 +191,7 @@ impl Node {
             .append(true)
             .open(self.log_path())?;
         use std::io::Write as _;
-        writeln!(
-            log,
-            "=== receipts_presence: start #{} on {} ===",
-            self.starts, self.addr
-        )?;
+        writeln!(log, "{START_MARKER}{} on {} ===", self.starts, self.addr)?;
         let child = Command::new(&self.bin)
             .arg("run")
             .arg("--config")
@@ -221,10 +226,14 @@ impl Node {
         }
     }
 
-    fn log_tail(&self, n: usize) -> String {
-        let text = fs::read(self.log_path())
+    fn log_text(&self) -> String {
+        fs::read(self.log_path())
             .map(|b| String::from_utf8_lossy(&b).to_string())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }

@@ -2,7 +2,8 @@
 //! without growing the node's memory while everyone else keeps receiving;
 //! no acknowledged message is lost or duplicated across `kill -9` and
 //! restart; SIGTERM is a graceful shutdown (goaway, close 1001, exit 0, data
-//! kept); `/healthz` and `/metrics` answer.
+//! kept); `/healthz` and `/metrics` answer; and the harness moves a restart
+//! off a port taken meanwhile.
 //!
 //! Each test starts its own `chat-node` process (see `tests::node`).
 
@@ -488,5 +489,44 @@ async fn healthz_and_metrics_answer() -> Result<()> {
     }
     let r = node.http_get("/healthz").await?;
     ensure!(r.status == 200, "/healthz after traffic: {}", r.status);
+    Ok(())
+}
+
+/// The harness's own promise that the tests above lean on: a restart whose
+/// port another process took meanwhile moves to a fresh port, even when the
+/// node's error report carries a backtrace longer than any log tail (CI sets
+/// `RUST_BACKTRACE`; a cluster test once failed on a collision that the tail
+/// no longer showed). Data and the log survive the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_taken_port_moves_to_a_fresh_one() -> Result<()> {
+    let mut node = NodeProcess::start_default().await?;
+    let old = node.addr();
+    let porter = user("porter");
+    let mut cl = Client::connect(&node, &porter).await?;
+    let gid = cl.create_group("ports", &[]).await?;
+    let sent = send_many(&mut cl, &gid, "before", 3, 10, 3).await?;
+    drop(cl);
+    node.sigterm()?;
+    node.wait_exit(Duration::from_secs(10)).await?;
+    // Hold the old port while the node restarts on it.
+    let squatter = std::net::TcpListener::bind(old).context("take the node's port")?;
+    node.restart().await?;
+    ensure!(node.addr() != old, "restarted on the taken port {old}");
+    ensure!(
+        node.log_text().contains("in use"),
+        "the first restart attempt did not report the taken port"
+    );
+    drop(squatter);
+    let mut cl = Client::connect(&node, &porter).await?;
+    let log = cl.history_all(&gid).await?;
+    let texts = log
+        .iter()
+        .filter(|m| check::system_kind(m).is_none())
+        .count();
+    ensure!(
+        texts == sent.len(),
+        "history after the move has {texts} messages, expected {}",
+        sent.len()
+    );
     Ok(())
 }
