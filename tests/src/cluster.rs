@@ -43,7 +43,7 @@ use tempfile::TempDir;
 use crate::auth;
 use crate::client::Client;
 use crate::http::{self, HttpResponse};
-use crate::node::{ClusterConfig, NodeConfig, NodeProcess};
+use crate::node::{ClusterConfig, NodeConfig, NodeProcess, is_port_collision};
 
 /// How long [`Cluster::start`] and [`Cluster::add_node`] wait for every node
 /// to see every other live.
@@ -262,7 +262,7 @@ impl Cluster {
         for _ in 0..ATTEMPTS {
             match Self::start_once(options.clone()).await {
                 Ok(c) => return Ok(c),
-                Err(e) if format!("{e:#}").contains("in use") => last = Some(e),
+                Err(e) if is_port_collision(&format!("{e:#}")) => last = Some(e),
                 Err(e) => return Err(e),
             }
         }
@@ -380,8 +380,6 @@ impl Cluster {
         tweak: impl FnOnce(&mut NodeConfig),
     ) -> Result<usize> {
         let i = self.nodes.len();
-        let addr = distinct_free_addrs_avoiding(1, &self.cluster_addrs)?[0];
-        self.cluster_addrs.push(addr);
         let seeds = match seeds {
             Seeds::First => vec![self.cluster_addrs[0]],
             Seeds::Others => self.cluster_addrs[..i]
@@ -391,17 +389,51 @@ impl Cluster {
                 .map(|(_, a)| *a)
                 .collect(),
         };
-        let mut config = self.node_config(i, addr, seeds);
-        tweak(&mut config);
-        let node = NodeProcess::start(config)
-            .await
-            .with_context(|| format!("starting {}", node_name(i)))?;
+        let (addr, node) = self.start_extra(i, seeds, tweak).await?;
+        self.cluster_addrs.push(addr);
         self.endpoints.set(i, node.addr());
         self.nodes.push(node);
         self.states.push(NodeState::Up);
         let up = self.up();
         self.wait_converged(&up, CONVERGE_TIMEOUT).await?;
         Ok(i)
+    }
+
+    /// Starts a process configured as node `i` with `seeds`, `tweak` applied,
+    /// on a fresh cluster port (probed free before the node binds it, so
+    /// another test may take it in between: then again on another, a few
+    /// times at most). Returns its cluster address and the process; the
+    /// caller decides whether it joins the cluster's books.
+    pub async fn start_extra(
+        &self,
+        i: usize,
+        seeds: Vec<SocketAddr>,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> Result<(SocketAddr, NodeProcess)> {
+        const ATTEMPTS: usize = 3;
+        let mut config = self.node_config(
+            i,
+            distinct_free_addrs_avoiding(1, &self.cluster_addrs)?[0],
+            seeds,
+        );
+        tweak(&mut config);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let addr = match config.cluster.as_ref() {
+                Some(c) => c.listen,
+                None => bail!("node {i}'s config has no cluster section"),
+            };
+            match NodeProcess::start(config.clone()).await {
+                Ok(node) => return Ok((addr, node)),
+                Err(e) if attempt < ATTEMPTS && is_port_collision(&format!("{e:#}")) => {
+                    if let Some(c) = config.cluster.as_mut() {
+                        c.listen = distinct_free_addrs_avoiding(1, &self.cluster_addrs)?[0];
+                    }
+                }
+                Err(e) => return Err(e.context(format!("starting {}", node_name(i)))),
+            }
+        }
     }
 
     /// Number of nodes ever started (indexes stay valid after a node dies).

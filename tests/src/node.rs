@@ -39,6 +39,18 @@ pub const LOG_TAIL_LINES: usize = 80;
 /// number, binary and address).
 const START_MARKER: &str = "=== harness: start #";
 
+/// Whether a failed start's output (or error text) says its port was taken
+/// between probing it free and binding it: then a fresh port will do.
+pub fn is_port_collision(text: &str) -> bool {
+    text.contains("in use") || text.contains("AddrInUse")
+}
+
+/// What a log holds from its last `marker` line on: the output of the last
+/// start (all of it: a backtrace can push the error line out of any tail).
+pub fn since_last<'a>(log: &'a str, marker: &str) -> &'a str {
+    log.rfind(marker).map_or(log, |at| &log[at..])
+}
+
 /// The config the harness writes for a node (same format as
 /// `cluster-config/single.toml`). Tests change the limits they exercise.
 #[derive(Debug, Clone)]
@@ -308,11 +320,7 @@ impl NodeProcess {
             match self.spawn_and_wait().await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
-                    // The whole of this start's output, not the tail: a
-                    // backtrace can push the error line out of any tail.
-                    let output = self.last_start_output();
-                    let collision = output.contains("in use") || output.contains("AddrInUse");
-                    if !collision {
+                    if !is_port_collision(&self.last_start_output()) {
                         return Err(e.context(format!(
                             "node failed to start; log {}:\n{}",
                             self.log_path.display(),
@@ -333,11 +341,7 @@ impl NodeProcess {
 
     /// What the node wrote since the harness last started it.
     fn last_start_output(&self) -> String {
-        let text = self.log_text();
-        match text.rfind(START_MARKER) {
-            Some(at) => text[at..].to_string(),
-            None => text,
-        }
+        since_last(&self.log_text(), START_MARKER).to_string()
     }
 
     /// The last start's `Error:` report (its cause chain, up to the

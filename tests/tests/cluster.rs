@@ -30,7 +30,7 @@ use tests::failover::{
     verify_receiver,
 };
 use tests::v1::{SystemKind, server_frame::Kind};
-use tests::{Client, Mode, NodeProcess, placement, unique};
+use tests::{Client, Mode, placement, unique};
 use tests::{PUSH_WAIT, check::same_message, user};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -814,22 +814,14 @@ async fn a_node_joins_and_another_drains_while_clients_send() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_cookie_is_refused() -> Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
-    // Its cluster port is probed free before it binds it, so another test
-    // may take it in between: then again on a fresh one.
-    let mut attempts = 0;
-    let intruder = loop {
-        attempts += 1;
-        let listen = tests::cluster::distinct_free_addrs_avoiding(1, cluster.cluster_addrs())?[0];
-        let mut config = cluster.node_config(3, listen, cluster.cluster_addrs().to_vec());
-        if let Some(c) = config.cluster.as_mut() {
-            c.cookie = format!("{}-but-wrong", c.cookie);
-        }
-        match NodeProcess::start(config).await {
-            Ok(node) => break node,
-            Err(e) if attempts < 3 && format!("{e:#}").contains("in use") => continue,
-            Err(e) => return Err(e),
-        }
-    };
+    let seeds = cluster.cluster_addrs().to_vec();
+    let (_, intruder) = cluster
+        .start_extra(3, seeds, |config| {
+            if let Some(c) = config.cluster.as_mut() {
+                c.cookie = format!("{}-but-wrong", c.cookie);
+            }
+        })
+        .await?;
     let refused = |log: &str| {
         log.lines()
             .any(|l| l.contains("WARN") && l.contains("cluster peer refused"))

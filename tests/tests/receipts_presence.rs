@@ -165,11 +165,9 @@ impl Node {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.stop(Duration::from_secs(5));
-                    // This start's whole output: a backtrace (RUST_BACKTRACE)
-                    // can push the error line out of any tail.
                     let log = self.log_text();
-                    let this_start = log.rfind(START_MARKER).map_or(&log[..], |at| &log[at..]);
-                    if !this_start.contains("in use") {
+                    let this_start = tests::node::since_last(&log, START_MARKER);
+                    if !tests::node::is_port_collision(this_start) {
                         let tail = self.log_tail(40);
                         return Err(e.context(format!(
                             "node failed to start:\n{this_start}\n--- log tail ---\n{tail}"
