@@ -99,6 +99,11 @@ fn range(kv: &dyn Kv, begin: &[u8], end: &[u8], opts: RangeOpts) -> Vec<Pair> {
     read::<_, ()>(kv, |t| Ok(t.get_range(begin, end, opts)?)).expect("range")
 }
 
+/// The last key of a range, in its own read-only transaction.
+fn last_key(kv: &dyn Kv, begin: &[u8], end: &[u8]) -> Option<Vec<u8>> {
+    read::<_, ()>(kv, |t| Ok(t.last_key(begin, end)?)).expect("last key")
+}
+
 /// Everything under `prefix`.
 fn all(kv: &dyn Kv, prefix: &[u8]) -> Vec<Pair> {
     range(kv, prefix, &end_of(prefix), RangeOpts::forward(0))
@@ -497,6 +502,36 @@ fn range_order_and_bounds(kv: &dyn Kv, p: &[u8]) {
         range(kv, &e, &b, RangeOpts::reverse(5)).is_empty(),
         "begin > end, reverse"
     );
+
+    // The last key of a range: the end is exclusive, bounds need not be
+    // keys, an empty or inverted range has none.
+    assert_eq!(last_key(kv, p, &end), sorted.last().cloned(), "last key");
+    assert_eq!(
+        last_key(kv, &b, &e),
+        Some(key_of(&[0xfe, 0xff])),
+        "end excluded"
+    );
+    assert_eq!(
+        last_key(kv, &key_of(&[0x00, 0x00, 0x00]), &key_of(&[0x7f, 0x00])),
+        Some(key_of(&[0x7f]))
+    );
+    assert_eq!(last_key(kv, &b, &b), None, "empty range");
+    assert_eq!(last_key(kv, &e, &b), None, "inverted range");
+    // It sees the transaction's own writes and clears.
+    type Seen = (Option<Vec<u8>>, Option<Vec<u8>>);
+    let result = run::<(), Seen>(kv, |t| {
+        t.set(&key_of(&[0xfe, 0xff, 0x01]), b"new")?;
+        let after_set = t.last_key(&b, &e)?;
+        t.clear_range(&key_of(&[0x80]), &e)?;
+        let after_clear = t.last_key(&b, &e)?;
+        Err(TxError::Abort((after_set, after_clear)))
+    });
+    let Err(TxError::Abort((seen_set, seen_clear))) = result else {
+        panic!("the transaction should abort with what it saw: {result:?}");
+    };
+    assert_eq!(seen_set, Some(key_of(&[0xfe, 0xff, 0x01])), "own write");
+    assert_eq!(seen_clear, Some(key_of(&[0x7f])), "own clear");
+    assert_eq!(last_key(kv, &b, &e), Some(key_of(&[0xfe, 0xff])), "aborted");
 }
 
 fn range_many_batches(kv: &dyn Kv, p: &[u8]) {
@@ -623,6 +658,11 @@ fn values_of_every_size(kv: &dyn Kv, p: &[u8]) {
             range(kv, p, &end, RangeOpts::reverse(0)),
             reversed,
             "reverse range, round {round}"
+        );
+        assert_eq!(
+            last_key(kv, p, &end),
+            reversed.first().map(|(key, _)| key.clone()),
+            "last key, round {round}"
         );
     }
 

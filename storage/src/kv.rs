@@ -63,6 +63,13 @@ pub trait Txn {
     /// Reads the pairs with `begin <= key < end`, in key order (or reversed),
     /// at most `opts.limit` of them.
     fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error>;
+    /// The greatest key with `begin <= key < end`, without its value (a
+    /// reverse range read of one pair, as far as conflicts go). Engines that
+    /// can skip reading the value override it.
+    fn last_key(&mut self, begin: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let mut last = self.get_range(begin, end, RangeOpts::reverse(1))?;
+        Ok(last.pop().map(|(key, _)| key))
+    }
     /// Writes a key (fails in a read-only transaction).
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error>;
     /// Writes `value` at `key` only if the key holds nothing; returns

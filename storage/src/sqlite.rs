@@ -139,6 +139,9 @@ const SQL_RANGE_REVERSE: &str = concat!(
     stored_value!(),
     " FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT ?3"
 );
+/// Keys only: the value (perhaps a `kv_values` row) is never read.
+const SQL_LAST_KEY: &str =
+    "SELECT key FROM kv WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT 1";
 /// Inserts, or overwrites an inline value; changes nothing (0 rows) when the
 /// key holds a long value, whose row must go first ([`SQL_UNLINK`]).
 const SQL_SET: &str = "INSERT INTO kv (key, value) VALUES (?1, ?2) \
@@ -346,6 +349,15 @@ impl Txn for SqliteTxn<'_> {
         })?;
         let pairs = rows.collect::<Result<Vec<Pair>, _>>()?;
         Ok(pairs)
+    }
+
+    fn last_key(&mut self, begin: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        let key = self
+            .conn()?
+            .prepare_cached(SQL_LAST_KEY)?
+            .query_row([begin, end], |row| row.get(0))
+            .optional()?;
+        Ok(key)
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
