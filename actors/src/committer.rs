@@ -364,9 +364,6 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
     for (seq, emoji, u, present) in &w.reactions {
         m.set_reaction(t, gid, *seq, emoji, u, *present)?;
     }
-    if w.head != w.base_head {
-        m.set_head(t, gid, w.head)?;
-    }
     for (u, c, rec) in &w.index {
         m.put_dedupe(t, gid, u, c, rec)?;
     }

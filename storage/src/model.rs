@@ -17,7 +17,6 @@
 //! |---|---|
 //! | `(g, gid, meta)` | [`GroupMeta`] |
 //! | `(g, gid, epoch)` | u64 big-endian: the current owner's epoch |
-//! | `(g, gid, head)` | u64 big-endian: last sequence number |
 //! | `(g, gid, indexed)` | u64 big-endian: every send with a seq up to it has its dedupe record |
 //! | `(g, gid, log, seq)` | message body |
 //! | `(g, gid, mem, uid)` | [`MemberRecord`] |
@@ -26,6 +25,10 @@
 //! | `(g, gid, react, seq, emoji, uid)` | empty: one reaction |
 //! | `(u, uid, groups, gid)` | [`UserGroupRecord`]: the user's group index |
 //! | `(u, uid, seen)` | u64 big-endian: last-seen time (ms) |
+//!
+//! A group's head (its last seq) is its last log key, not a record of its
+//! own (decisions #30). Files written before hold a `(g, gid, head)`
+//! record per group, which nothing reads any more.
 
 use foundationdb_tuple::{TuplePack, pack, unpack};
 use prost::Message as _;
@@ -210,14 +213,22 @@ impl Model {
         t.set(&self.key(&("g", gid, "meta")), &meta.encode_to_vec())
     }
 
-    /// The group's last sequence number (0 for an empty log).
+    /// The group's last sequence number: the seq of its log's last entry (0
+    /// for an empty log). Every seq is a log entry and none is ever
+    /// removed, so there is no head record to keep in step (decisions #30):
+    /// a commit writes its entries and nothing else moves. Reads one key,
+    /// not its value. As a fence it conflicts with any commit that appends
+    /// to the group.
     pub fn head(&self, t: &mut dyn Txn, gid: &str) -> Result<u64, Error> {
-        self.get_u64(t, &self.key(&("g", gid, "head")))
-    }
-
-    /// Sets the group's last sequence number.
-    pub fn set_head(&self, t: &mut dyn Txn, gid: &str, seq: u64) -> Result<(), Error> {
-        t.set(&self.key(&("g", gid, "head")), &be(seq))
+        let (begin, end) = self.range(&("g", gid, "log"));
+        match t.last_key(&begin, &end)? {
+            None => Ok(0),
+            Some(k) => {
+                let (_, _, _, seq): (String, String, String, u64) =
+                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
+                Ok(seq)
+            }
+        }
     }
 
     /// The group's current owner epoch (0 before any owner claimed it).

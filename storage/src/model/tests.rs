@@ -51,7 +51,6 @@ fn log_pages_in_every_direction() {
         }
         // A neighbouring group must never leak into g's pages.
         m.put_log(t, "g2", 1, b"other")?;
-        m.set_head(t, "g", 300)?;
         Ok(())
     });
     let seqs = |p: &LogPage| p.entries.iter().map(|e| e.0).collect::<Vec<_>>();
@@ -77,8 +76,24 @@ fn log_pages_in_every_direction() {
     assert_eq!(seqs(&p), vec![11, 12, 13]);
     let p = get(&kv, |t| Ok(m.log_page(t, "g2", LogQuery::Latest, 10)?));
     assert_eq!(seqs(&p), vec![1]);
+    // The head is the last entry's seq, whatever the neighbours hold.
     assert_eq!(get(&kv, |t| Ok(m.head(t, "g")?)), 300);
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "g2")?)), 1);
     assert_eq!(get(&kv, |t| Ok(m.head(t, "nope")?)), 0);
+    // A group's other records sort after its log ("mem", "meta", ...) or
+    // before it ("dedupe", "epoch", "indexed"): none is taken for an entry.
+    new_group(&kv, &m, "nope", 10);
+    write(&kv, |t| {
+        m.put_dedupe(t, "nope", "u", "c", &DedupeRecord::default())?;
+        m.put_member(t, "nope", "u", &member(0))?;
+        m.set_dedupe_indexed(t, "nope", 7)?;
+        m.claim_epoch(t, "nope")?;
+        Ok(())
+    });
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "nope")?)), 0);
+    // Seq order is numeric, not by the length of the number.
+    write(&kv, |t| Ok(m.put_log(t, "g2", 1_000_000, b"later")?));
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "g2")?)), 1_000_000);
 }
 
 #[test]
@@ -225,7 +240,8 @@ fn corrupt_records_are_errors_not_panics() {
     let (_d, kv) = store();
     let m = Model::new(b"t");
     write(&kv, |t| {
-        t.set(&m.key(&("g", "g", "head")), b"abc")?;
+        // A log key whose seq is not an integer.
+        t.set(&m.key(&("g", "g", "log", "abc")), b"x")?;
         t.set(&m.key(&("g", "g", "meta")), &[0xff, 0xff, 0xff])?;
         Ok(())
     });
