@@ -30,7 +30,7 @@
 //! own (decisions #30). Files written before hold a `(g, gid, head)`
 //! record per group, which nothing reads any more.
 
-use foundationdb_tuple::{TuplePack, pack, unpack};
+use foundationdb_tuple::{TuplePack, pack_into, unpack};
 use prost::Message as _;
 
 use crate::error::Error;
@@ -143,6 +143,9 @@ pub struct Model {
     prefix: Vec<u8>,
 }
 
+/// Room for a key's packed tuple beyond the prefix (see [`Model::key`]).
+const KEY_CAPACITY: usize = 160;
+
 fn be(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
@@ -155,9 +158,15 @@ impl Model {
         }
     }
 
+    /// The prefixed, packed key of `t`, built in one allocation: the
+    /// capacity covers the longest keys (a dedupe key of three ids of up to
+    /// ~36 bytes), so packing, which writes its tuple piece by piece, does
+    /// not regrow it (it did, from empty, ~3 times a key: 4% of the commit
+    /// writer's time over 1,000 groups).
     fn key<T: TuplePack>(&self, t: &T) -> Vec<u8> {
-        let mut k = self.prefix.clone();
-        k.extend_from_slice(&pack(t));
+        let mut k = Vec::with_capacity(self.prefix.len() + KEY_CAPACITY);
+        k.extend_from_slice(&self.prefix);
+        pack_into(t, &mut k);
         k
     }
 
