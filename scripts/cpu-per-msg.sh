@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# CPU time per committed message, by thread, for one durable-append run:
+# a steadier measure of a change on this machine than acknowledged
+# messages per second, which swing by ±20% from one run to the next
+# (docs/benchmarks.md, round 12).
+#
+#   scripts/cpu-per-msg.sh [BIN]          # 1,000 groups, sync=full
+#   NGROUPS=1 SENDERS=2 WINDOW=1024 scripts/cpu-per-msg.sh OLD_BIN
+#   SYNC=normal scripts/cpu-per-msg.sh
+#
+# Starts BIN (default target/release/chat-node) on a fresh data directory
+# at 127.0.0.1:${PORT:-18990}, runs `chat-load durable` for SECS (10) s,
+# and over WIN (4) s from SKIP (4) s into the run reads every thread's
+# utime + stime (/proc/PID/task/TID/stat), the commit writer's scheduler
+# times (/proc/PID/task/TID/schedstat: on a CPU, runnable but waiting for
+# one, neither) and `chat_messages_committed_total` from /metrics. Prints
+# one line per thread name (µs of CPU per committed message) and the
+# writer's split. Build both binaries first (cargo build --release -p node
+# -p tests); run two binaries' measurements interleaved, as scripts/ab.sh
+# does, to compare them.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+BIN=$(realpath "${1:-target/release/chat-node}")
+LOAD=${CHAT_LOAD:-target/release/chat-load}
+NGROUPS=${NGROUPS:-1000}
+SENDERS=${SENDERS:-16}
+WINDOW=${WINDOW:-256}
+SECS=${SECS:-10}
+SKIP=${SKIP:-4}
+WIN=${WIN:-4}
+ADDR=127.0.0.1:${PORT:-18990}
+if ((SKIP + WIN >= SECS)); then
+    echo "SKIP + WIN must end before the run does (SECS=$SECS)" >&2
+    exit 2
+fi
+for f in "$BIN" "$LOAD"; do
+    [[ -x $f ]] || { echo "not built: $f" >&2; exit 2; }
+done
+
+TMP=$(mktemp -d)
+NODE_PID=
+LOAD_PID=
+cleanup() {
+    for p in $LOAD_PID $NODE_PID; do
+        kill -TERM "$p" 2>/dev/null || true
+    done
+    sleep 0.5
+    for p in $LOAD_PID $NODE_PID; do
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    [[ -n ${KEEP:-} ]] && echo "kept $TMP" >&2 || rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+cat >"$TMP/node.toml" <<EOF
+[node]
+name = "cpu-per-msg"
+listen = "$ADDR"
+data_dir = "$TMP/data"
+
+[auth]
+jwt_secret = "bench-secret-0123456789abcdef"
+
+[storage]
+engine = "embedded"
+sync = "${SYNC:-full}"
+
+[limits]
+rate_per_sec = 1000000
+rate_burst = 1000000
+outbound_queue = 65536
+max_in_flight = 4096
+max_users_per_request = 1000
+
+[tuning]
+shutdown_deadline_ms = 2000
+EOF
+
+RUST_LOG=warn "$BIN" run --config "$TMP/node.toml" 2>"$TMP/node.log" &
+NODE_PID=$!
+for _ in $(seq 1 300); do
+    curl -sf "http://$ADDR/healthz" >/dev/null 2>&1 && break
+    kill -0 "$NODE_PID" 2>/dev/null || { tail -20 "$TMP/node.log" >&2; exit 1; }
+    sleep 0.1
+done
+
+timeout --kill-after=10 $((SECS + 60)) "$LOAD" --addr "$ADDR" --config "$TMP/node.toml" \
+    --node-pid "$NODE_PID" durable --groups "$NGROUPS" --senders "$SENDERS" \
+    --window "$WINDOW" --secs "$SECS" >"$TMP/load.txt" 2>&1 &
+LOAD_PID=$!
+
+# snapshot NAME: per thread "comm utime+stime" (clock ticks), the writer's
+# schedstat, the committed counter and the time.
+snapshot() {
+    local out=$TMP/$1 t comm stat
+    for t in /proc/"$NODE_PID"/task/*; do
+        comm=$(<"$t/comm") || continue
+        stat=$(<"$t/stat") || continue
+        # Fields after the parenthesised name: state is the 1st, utime the
+        # 12th, stime the 13th.
+        stat=${stat##*) }
+        # shellcheck disable=SC2086 # split into fields on purpose
+        set -- $stat
+        echo "cpu ${comm// /_} $((${12} + ${13}))"
+        if [[ $comm == store-write-0 ]]; then
+            echo "sched $(<"$t/schedstat")"
+        fi
+    done >"$out"
+    curl -sf "http://$ADDR/metrics" |
+        awk '/^chat_messages_committed_total/ { n += $NF } END { print "committed", n + 0 }' >>"$out"
+    echo "time $(date +%s%N)" >>"$out"
+}
+
+sleep "$SKIP"
+snapshot before
+sleep "$WIN"
+snapshot after
+wait "$LOAD_PID" || echo "chat-load failed (see its output below)" >&2
+LOAD_PID=
+grep '^| 4\.' "$TMP/load.txt" || tail -5 "$TMP/load.txt"
+
+awk -v hz="$(getconf CLK_TCK)" '
+    FNR == 1 { side++ }
+    $1 == "cpu" { cpu[side, $2] += $3; names[$2] = 1 }
+    $1 == "sched" { for (i = 2; i <= 4; i++) sched[side, i] = $i }
+    $1 == "committed" { committed[side] = $2 }
+    $1 == "time" { t[side] = $2 }
+    END {
+        n = committed[2] - committed[1]
+        wall = (t[2] - t[1]) / 1e9
+        if (n <= 0) { print "no message committed in the window"; exit 1 }
+        printf "window %.1f s: %d messages committed (%.1fk/s)\n", wall, n, n / wall / 1e3
+        for (name in names) {
+            us = (cpu[2, name] - cpu[1, name]) / hz * 1e6 / n
+            if (us >= 0.05) printf "  %-16s %6.1f us of CPU per message\n", name, us
+        }
+        on = (sched[2, 2] - sched[1, 2]) / 1e9 / wall * 100
+        wait = (sched[2, 3] - sched[1, 3]) / 1e9 / wall * 100
+        printf "writer: on a CPU %.0f%%, waiting for a CPU %.0f%%, blocked or idle %.0f%%\n", on, wait, 100 - on - wait
+    }' "$TMP/before" "$TMP/after"
