@@ -26,13 +26,13 @@
 
 use std::sync::Arc;
 
-use storage::model::{DedupeRecord, Model};
+use storage::model::Model;
 use storage::{TxError, Txn};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::error::{ChatError, ChatResult};
-use crate::group::{CommitFailure, CommitOutcome, Writes};
+use crate::group::{CommitFailure, CommitOutcome, SendRecord, Writes};
 use crate::store::Store;
 
 /// Most jobs (group batches, last-seen writes) in one transaction.
@@ -229,7 +229,7 @@ fn commit_one(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Outcome, TxError
     Ok(Ok(CommitOutcome::Written))
 }
 
-type Dups = Vec<(String, String, DedupeRecord)>;
+type Dups = Vec<SendRecord>;
 
 /// For a batch that leaves its sends' records for later: its sends that
 /// already have a dedupe record, i.e. retries of sends committed before the
@@ -251,11 +251,11 @@ fn records_of<'a>(
     t: &mut dyn Txn,
     m: &Model,
     gid: &str,
-    sends: impl IntoIterator<Item = &'a (String, String, DedupeRecord)>,
+    sends: impl IntoIterator<Item = &'a SendRecord>,
 ) -> Result<Dups, storage::Error> {
     let mut dups = Vec::new();
     for (u, c, _) in sends {
-        if let Some(rec) = m.dedupe(t, gid, u, c)? {
+        if let Some(rec) = m.dedupe(t, gid, u.as_str(), c)? {
             dups.push((u.clone(), c.clone(), rec));
         }
     }
@@ -272,7 +272,7 @@ fn insert_dedupes(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>
     let gid = w.group.as_str();
     let mut inserted = Vec::with_capacity(w.sends.len());
     for (u, c, rec) in &w.sends {
-        inserted.push(m.insert_dedupe(t, gid, u, c, rec)?);
+        inserted.push(m.insert_dedupe(t, gid, u.as_str(), c, rec)?);
     }
     if inserted.iter().all(|&i| i) {
         return Ok(None);
@@ -280,7 +280,7 @@ fn insert_dedupes(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<Option<Dups>
     let mut refused = Vec::new();
     for (send, inserted) in w.sends.iter().zip(inserted) {
         if inserted {
-            m.clear_dedupe(t, gid, &send.0, &send.1)?;
+            m.clear_dedupe(t, gid, send.0.as_str(), &send.1)?;
         } else {
             refused.push(send);
         }
@@ -340,7 +340,7 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
         m.set_dedupe_indexed(t, gid, 0)?;
     }
     for (u, rec) in &w.pointers {
-        m.update_member(t, gid, u, rec)?;
+        m.update_member(t, gid, u.as_str(), rec)?;
     }
     // The limit was checked above in this transaction; add_members checks
     // it again and cannot refuse now.
@@ -365,7 +365,7 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
         m.set_reaction(t, gid, *seq, emoji, u, *present)?;
     }
     for (u, c, rec) in &w.index {
-        m.put_dedupe(t, gid, u, c, rec)?;
+        m.put_dedupe(t, gid, u.as_str(), c, rec)?;
     }
     if let Some(upto) = w.indexed {
         m.set_dedupe_indexed(t, gid, upto)?;

@@ -49,8 +49,8 @@ use crate::router::Router;
 mod plan;
 mod receipts;
 pub use plan::GroupOp;
-pub use plan::Writes;
 use plan::{Batch, Effect, Waiter};
+pub use plan::{SendRecord, Writes};
 use receipts::Receipts;
 
 /// Messages of a group actor.
@@ -88,7 +88,7 @@ pub enum CommitOutcome {
     Written,
     /// Some sends were already committed earlier (retries after this actor
     /// started); nothing was written. Their `(user, clientMsgId)` and outcome.
-    Duplicates(Vec<(String, String, DedupeRecord)>),
+    Duplicates(Vec<SendRecord>),
 }
 
 /// Why a commit failed.
@@ -708,8 +708,8 @@ impl GroupState {
     /// The highest `(delivered, read)` pointers the commits in flight write,
     /// by member. Memory catches up with a commit's sender pointers only when
     /// it lands, so a record written behind it must not go below them.
-    fn pointers_ahead(&self) -> HashMap<String, (u64, u64)> {
-        let mut ahead: HashMap<String, (u64, u64)> = HashMap::new();
+    fn pointers_ahead(&self) -> HashMap<UserId, (u64, u64)> {
+        let mut ahead: HashMap<UserId, (u64, u64)> = HashMap::new();
         for (u, r) in self.in_flight.iter().flat_map(|f| f.writes.pointers.iter()) {
             let p = ahead.entry(u.clone()).or_default();
             *p = (p.0.max(r.delivered_seq), p.1.max(r.read_seq));
@@ -744,7 +744,7 @@ impl GroupState {
         let ahead = self.pointers_ahead();
         let record = |u: &UserId, m: &Member| {
             let mut rec = m.record();
-            if let Some(&(delivered, read)) = ahead.get(u.as_str()) {
+            if let Some(&(delivered, read)) = ahead.get(u) {
                 rec.delivered_seq = rec.delivered_seq.max(delivered);
                 rec.read_seq = rec.read_seq.max(read);
             }
@@ -775,10 +775,7 @@ impl GroupState {
                 rec.delivered_seq = rec.delivered_seq.max(*seq);
             }
         }
-        batch.writes.pointers = pointers
-            .into_iter()
-            .map(|(u, r)| (u.to_string(), r))
-            .collect();
+        batch.writes.pointers = pointers.into_iter().collect();
         self.index_dedupes(&mut batch.writes);
         let writes = batch.shared_writes();
         let committer = self.router.committer().clone();
@@ -867,11 +864,7 @@ impl GroupState {
     /// in front of the queue (nothing was written), to be planned again.
     /// The commits behind it cannot pass their head check: they are
     /// abandoned and their requests go back too, after this batch's.
-    fn requeue_after_duplicates(
-        &mut self,
-        flight: InFlight,
-        dups: Vec<(String, String, DedupeRecord)>,
-    ) {
+    fn requeue_after_duplicates(&mut self, flight: InFlight, dups: Vec<SendRecord>) {
         let mut behind = Vec::new();
         for f in self.in_flight.iter_mut() {
             metrics::counter!("chat_group_abandoned_commits_total").increment(1);
@@ -890,7 +883,7 @@ impl GroupState {
             let hit = match &w.op {
                 GroupOp::Send(s) => dups
                     .iter()
-                    .find(|(u, c, _)| u == w.user.as_str() && *c == s.client_msg_id)
+                    .find(|(u, c, _)| *u == w.user && *c == s.client_msg_id)
                     .map(|(_, c, r)| (c.clone(), r.clone())),
                 _ => None,
             };
@@ -1007,18 +1000,14 @@ impl GroupState {
         }
         if let Some(upto) = writes.indexed {
             for (u, c, _) in &writes.index {
-                if let Some(u) = UserId::parse(u) {
-                    self.unindexed.remove(&(u, c.clone()));
-                }
+                self.unindexed.remove(&(u.clone(), c.clone()));
             }
             self.indexed = upto;
         }
         for (u, c, rec) in &writes.sends {
-            if let Some(u) = UserId::parse(u) {
-                self.remember(&u, c, rec);
-                if !writes.record_sends {
-                    self.unindexed.insert((u, c.clone()), rec.clone());
-                }
+            self.remember(u, c, rec);
+            if !writes.record_sends {
+                self.unindexed.insert((u.clone(), c.clone()), rec.clone());
             }
         }
         metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
@@ -1076,7 +1065,7 @@ impl GroupState {
         writes.index = self
             .unindexed
             .iter()
-            .map(|((u, c), rec)| (u.to_string(), c.clone(), rec.clone()))
+            .map(|((u, c), rec)| (u.clone(), c.clone(), rec.clone()))
             .collect();
         let own = writes.record_sends && self.in_flight.is_empty();
         writes.indexed = Some(if own { writes.head } else { self.head });

@@ -129,6 +129,11 @@ impl Waiter {
     }
 }
 
+/// A send's dedupe record with its key: `(user, clientMsgId, outcome)`.
+/// The user stays a [`UserId`] all the way to storage, which takes its
+/// `&str`: no string is formatted or parsed back per send.
+pub type SendRecord = (UserId, String, DedupeRecord);
+
 /// What the commit transaction writes. Shared with the blocking task.
 #[derive(Debug, Default)]
 pub struct Writes {
@@ -143,7 +148,7 @@ pub struct Writes {
     /// Creating the group: take the first epoch, write `meta`.
     pub create: Option<GroupMeta>,
     /// Dirty pointers (written first).
-    pub pointers: Vec<(String, MemberRecord)>,
+    pub pointers: Vec<(UserId, MemberRecord)>,
     /// New members (limit checked in the transaction).
     pub adds: Vec<(String, MemberRecord)>,
     /// Removed members.
@@ -157,12 +162,12 @@ pub struct Writes {
     /// before this actor loaded the group, older than the log tail it
     /// read). Their records are written with this batch when
     /// `record_sends`, else later, in a later batch's `index`.
-    pub sends: Vec<(String, String, DedupeRecord)>,
+    pub sends: Vec<SendRecord>,
     /// Write the records of `sends` now (inserted where none exists, which
     /// is also the check), instead of reading them now and writing later.
     pub record_sends: bool,
     /// Dedupe records of sends already committed, written now.
-    pub index: Vec<(String, String, DedupeRecord)>,
+    pub index: Vec<SendRecord>,
     /// The new dedupe watermark ([`storage::model::Model::dedupe_indexed`]),
     /// when `index` brings it up to date.
     pub indexed: Option<u64>,
@@ -393,7 +398,7 @@ impl Planner<'_> {
                 self.b
                     .writes
                     .sends
-                    .push((user.to_string(), s.client_msg_id.clone(), rec.clone()));
+                    .push((user.clone(), s.client_msg_id.clone(), rec.clone()));
                 self.b.effects.push(Effect::SenderRead(user.clone(), seq));
                 Ok((sent(&self.s.id, &s.client_msg_id, &rec), false))
             }
