@@ -37,6 +37,8 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+# shellcheck source=scripts/bench-config.sh
+source "$ROOT/scripts/bench-config.sh"
 
 if [[ -z "${SKIP_BUILD:-}" ]]; then
     cargo build --release -p node --bin chat-node -p tests --bin chat-load
@@ -81,30 +83,7 @@ log() { echo "== $*" >&2; }
 start_node() {
     local name=$1 sync=$2
     local cfg=$TMP/$name.toml
-    cat >"$cfg" <<EOF
-[node]
-name = "bench"
-listen = "$ADDR"
-data_dir = "$TMP/$name-data"
-
-[auth]
-jwt_secret = "bench-secret-0123456789abcdef"
-
-[storage]
-engine = "embedded"
-sync = "$sync"
-
-[limits]
-rate_per_sec = 1000000
-rate_burst = 1000000
-outbound_queue = 65536
-max_in_flight = 4096
-max_users_per_request = 1000
-max_connections = 19500
-
-[tuning]
-shutdown_deadline_ms = 2000
-EOF
+    bench_config bench "$ADDR" "$TMP/$name-data" "$sync" 19500 >"$cfg"
     CFG=$cfg
     RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$cfg" --listen "$ADDR" \
         --data-dir "$TMP/$name-data" 2>"$OUT/node-$name.log" &
@@ -150,38 +129,14 @@ start_cluster() {
             [[ $j == "$i" ]] && continue
             seeds+="${seeds:+, }\"127.0.0.1:$((CPORT + 1000 + j - 1))\""
         done
-        cat >"$dir/node$i.toml" <<EOF
-[node]
-name = "node$i"
-listen = "$http"
-data_dir = "$dir/node$i-data"
-
-[auth]
-jwt_secret = "bench-secret-0123456789abcdef"
-
-[storage]
-engine = "embedded"
-sync = "full"
-path = "$dir/shared.db"
-
+        bench_config "node$i" "$http" "$dir/node$i-data" full "$maxc" \
+            "path = \"$dir/shared.db\"" "
 [cluster]
-listen = "127.0.0.1:$((CPORT + 1000 + i - 1))"
-cookie = "bench-cluster-cookie"
+listen = \"127.0.0.1:$((CPORT + 1000 + i - 1))\"
+cookie = \"bench-cluster-cookie\"
 seeds = [$seeds]
 ping_interval_ms = 250
-failure_timeout_ms = 3000
-
-[limits]
-rate_per_sec = 1000000
-rate_burst = 1000000
-outbound_queue = 65536
-max_in_flight = 4096
-max_users_per_request = 1000
-max_connections = $maxc
-
-[tuning]
-shutdown_deadline_ms = 2000
-EOF
+failure_timeout_ms = 3000" >"$dir/node$i.toml"
         RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$dir/node$i.toml" \
             2>"$OUT/node-$name-$i.log" &
         CLUSTER_PIDS+=($!)

@@ -21,6 +21,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-config.sh
+source scripts/bench-config.sh
 BIN=$(realpath "${1:-target/release/chat-node}")
 LOAD=${CHAT_LOAD:-target/release/chat-load}
 NGROUPS=${NGROUPS:-1000}
@@ -53,29 +55,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$TMP/node.toml" <<EOF
-[node]
-name = "cpu-per-msg"
-listen = "$ADDR"
-data_dir = "$TMP/data"
-
-[auth]
-jwt_secret = "bench-secret-0123456789abcdef"
-
-[storage]
-engine = "embedded"
-sync = "${SYNC:-full}"
-
-[limits]
-rate_per_sec = 1000000
-rate_burst = 1000000
-outbound_queue = 65536
-max_in_flight = 4096
-max_users_per_request = 1000
-
-[tuning]
-shutdown_deadline_ms = 2000
-EOF
+bench_config cpu-per-msg "$ADDR" "$TMP/data" "${SYNC:-full}" 19500 >"$TMP/node.toml"
 
 RUST_LOG=warn "$BIN" run --config "$TMP/node.toml" 2>"$TMP/node.log" &
 NODE_PID=$!
