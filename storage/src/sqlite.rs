@@ -296,53 +296,49 @@ impl Kv for SqliteKv {
     }
 }
 
-/// The statements of every transaction, prepared once per connection.
-/// (rusqlite's `prepare_cached` copies the SQL text into a new key and
-/// hashes it twice on every call: ~5% of the commit writer's time over
-/// 1,000 groups.) Every call binds all of a statement's parameters, and
-/// rusqlite resets a statement when a call ends, so none stays active
-/// between calls (a `COMMIT` would fail if one did).
-struct Statements<'c> {
-    get: Statement<'c>,
-    exists: Statement<'c>,
-    range_forward: Statement<'c>,
-    range_reverse: Statement<'c>,
-    last_key: Statement<'c>,
-    set: Statement<'c>,
-    update: Statement<'c>,
-    insert_new: Statement<'c>,
-    put_value: Statement<'c>,
-    unlink: Statement<'c>,
-    unlink_range: Statement<'c>,
-    clear: Statement<'c>,
-    clear_range: Statement<'c>,
-    begin_read: Statement<'c>,
-    begin_write: Statement<'c>,
-    commit: Statement<'c>,
+/// Declares [`Statements`], one field per statement with its SQL, and the
+/// function that prepares them all.
+macro_rules! statements {
+    ($($(#[$doc:meta])* $field:ident = $sql:expr;)*) => {
+        /// The statements of every transaction, prepared once per
+        /// connection. (rusqlite's `prepare_cached` copies the SQL text into
+        /// a new key and hashes it twice on every call: ~5% of the commit
+        /// writer's time over 1,000 groups.) Every call binds all of a
+        /// statement's parameters, and rusqlite resets a statement when a
+        /// call ends, so none stays active between calls (a `COMMIT` would
+        /// fail if one did).
+        struct Statements<'c> {
+            $($(#[$doc])* $field: Statement<'c>,)*
+        }
+
+        impl<'c> Statements<'c> {
+            /// Prepares them all (the schema must exist: [`create_schema`]).
+            fn prepare(conn: &'c Connection) -> rusqlite::Result<Statements<'c>> {
+                Ok(Statements {
+                    $($field: conn.prepare($sql)?,)*
+                })
+            }
+        }
+    };
 }
 
-impl<'c> Statements<'c> {
-    /// Prepares them all (the schema must exist: [`create_schema`]).
-    fn prepare(conn: &'c Connection) -> rusqlite::Result<Statements<'c>> {
-        Ok(Statements {
-            get: conn.prepare(SQL_GET)?,
-            exists: conn.prepare(SQL_EXISTS)?,
-            range_forward: conn.prepare(SQL_RANGE_FORWARD)?,
-            range_reverse: conn.prepare(SQL_RANGE_REVERSE)?,
-            last_key: conn.prepare(SQL_LAST_KEY)?,
-            set: conn.prepare(SQL_SET)?,
-            update: conn.prepare(SQL_UPDATE)?,
-            insert_new: conn.prepare(SQL_INSERT_NEW)?,
-            put_value: conn.prepare(SQL_PUT_VALUE)?,
-            unlink: conn.prepare(SQL_UNLINK)?,
-            unlink_range: conn.prepare(SQL_UNLINK_RANGE)?,
-            clear: conn.prepare(SQL_CLEAR)?,
-            clear_range: conn.prepare(SQL_CLEAR_RANGE)?,
-            begin_read: conn.prepare("BEGIN DEFERRED")?,
-            begin_write: conn.prepare("BEGIN IMMEDIATE")?,
-            commit: conn.prepare("COMMIT")?,
-        })
-    }
+statements! {
+    get = SQL_GET;
+    exists = SQL_EXISTS;
+    range_forward = SQL_RANGE_FORWARD;
+    range_reverse = SQL_RANGE_REVERSE;
+    last_key = SQL_LAST_KEY;
+    set = SQL_SET;
+    update = SQL_UPDATE;
+    insert_new = SQL_INSERT_NEW;
+    put_value = SQL_PUT_VALUE;
+    unlink = SQL_UNLINK;
+    unlink_range = SQL_UNLINK_RANGE;
+    clear = SQL_CLEAR;
+    clear_range = SQL_CLEAR_RANGE;
+    begin_read = "BEGIN DEFERRED";
+    begin_write = "BEGIN IMMEDIATE";
+    commit = "COMMIT";
 }
 
 self_cell::self_cell!(
