@@ -184,6 +184,13 @@ impl Model {
         &key[self.prefix.len().min(key.len())..]
     }
 
+    /// The seq of a log entry's key `(g, gid, log, seq)`.
+    fn log_seq(&self, key: &[u8]) -> Result<u64, Error> {
+        let (_, _, _, seq): (String, String, String, u64) =
+            unpack(self.suffix(key)).map_err(|e| corrupt(key, e))?;
+        Ok(seq)
+    }
+
     // ----- records -------------------------------------------------------
 
     fn get_record<M: prost::Message + Default>(
@@ -232,11 +239,7 @@ impl Model {
         let (begin, end) = self.range(&("g", gid, "log"));
         match t.last_key(&begin, &end)? {
             None => Ok(0),
-            Some(k) => {
-                let (_, _, _, seq): (String, String, String, u64) =
-                    unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
-                Ok(seq)
-            }
+            Some(k) => self.log_seq(&k),
         }
     }
 
@@ -304,9 +307,7 @@ impl Model {
         }
         let mut entries = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
-            let (_, _, _, seq): (String, String, String, u64) =
-                unpack(self.suffix(&k)).map_err(|e| corrupt(&k, e))?;
-            entries.push((seq, v));
+            entries.push((self.log_seq(&k)?, v));
         }
         Ok(LogPage { entries, has_more })
     }

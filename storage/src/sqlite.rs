@@ -299,7 +299,7 @@ impl Kv for SqliteKv {
 /// Declares [`Statements`], one field per statement with its SQL, and the
 /// function that prepares them all.
 macro_rules! statements {
-    ($($(#[$doc:meta])* $field:ident = $sql:expr;)*) => {
+    ($($field:ident = $sql:expr;)*) => {
         /// The statements of every transaction, prepared once per
         /// connection. (rusqlite's `prepare_cached` copies the SQL text into
         /// a new key and hashes it twice on every call: ~5% of the commit
@@ -308,7 +308,7 @@ macro_rules! statements {
         /// call ends, so none stays active between calls (a `COMMIT` would
         /// fail if one did).
         struct Statements<'c> {
-            $($(#[$doc])* $field: Statement<'c>,)*
+            $($field: Statement<'c>,)*
         }
 
         impl<'c> Statements<'c> {
