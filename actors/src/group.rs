@@ -48,10 +48,12 @@ use crate::router::Router;
 
 mod plan;
 mod receipts;
+mod sends;
 pub use plan::GroupOp;
 use plan::{Batch, Effect, Waiter};
 pub use plan::{SendRecord, Writes};
 use receipts::Receipts;
+use sends::{SendHash, Sends};
 
 /// Messages of a group actor.
 #[derive(Debug)]
@@ -226,16 +228,12 @@ pub struct GroupState {
     dirty: HashSet<UserId>,
     pointer_waiters: Vec<ReplyTo>,
     flush_scheduled: bool,
-    /// Every send waiting in `pending` or `in_flight` (and possibly some
-    /// already answered): a superset, so a miss needs no scan.
-    waiting_sends: HashSet<(UserId, String)>,
-    /// Recent sends: `(user, clientMsgId)` → outcome, for cheap retries.
-    recent: HashMap<(UserId, String), DedupeRecord>,
-    recent_order: VecDeque<(UserId, String)>,
+    /// The sends waiting in `pending` or `in_flight` (a superset), the
+    /// recent ones, and the committed sends after `indexed` whose records
+    /// may still be missing (its `unindexed`).
+    sends: Sends,
     /// The stored dedupe watermark (see the invariants).
     indexed: u64,
-    /// Committed sends after `indexed` whose records may still be missing.
-    unindexed: HashMap<(UserId, String), DedupeRecord>,
     /// Last forwarded typing indicator per user.
     typing: HashMap<UserId, Instant>,
     /// Pointer counts and pending receipt pushes; describes exactly the
@@ -304,11 +302,8 @@ impl Actor for Group {
             dirty: HashSet::new(),
             pointer_waiters: Vec::new(),
             flush_scheduled: false,
-            waiting_sends: HashSet::new(),
-            recent: HashMap::new(),
-            recent_order: VecDeque::new(),
+            sends: Sends::default(),
             indexed: 0,
-            unindexed: HashMap::new(),
             typing: HashMap::new(),
             receipts: Receipts::default(),
             receipts_scheduled: false,
@@ -377,7 +372,9 @@ impl Actor for Group {
                         seq,
                         sent_at_ms: msg.sent_at_ms,
                     };
-                    state.unindexed.insert((sender, msg.client_msg_id), rec);
+                    state
+                        .sends
+                        .defer(&(sender, Arc::from(msg.client_msg_id), rec));
                 }
             }
             state.members = members
@@ -479,19 +476,17 @@ impl GroupState {
             GroupOp::Send(ref s) => {
                 // A retry of a recent send is answered from memory; one of a
                 // send still waiting is attached to it.
-                let key = (user.clone(), s.client_msg_id.clone());
-                if let Some(rec) = self.recent.get(&key).or_else(|| self.unindexed.get(&key)) {
+                let hash = self.sends.hash(&user, &s.client_msg_id);
+                if let Some(rec) = self.sends.committed(hash, &user, &s.client_msg_id) {
                     return reply.send(Ok(sent(&self.id, &s.client_msg_id, rec)));
                 }
-                if let Some(w) = self.pending_send(&user, &s.client_msg_id) {
+                if let Some(w) = self.pending_send(hash, &user, &s.client_msg_id) {
                     w.extra.push(reply);
                     return;
                 }
+                self.note_waiting_send(hash);
             }
             _ => {}
-        }
-        if let GroupOp::Send(s) = &op {
-            self.note_waiting_send(&user, &s.client_msg_id);
         }
         self.pending.push_back(Waiter::new(user, op, reply));
         self.maybe_commit(myself, false);
@@ -499,11 +494,8 @@ impl GroupState {
 
     /// The waiting send of `user` with `cmid`, if any. The set of waiting
     /// sends answers the common case (no such send) in O(1).
-    fn pending_send(&mut self, user: &UserId, cmid: &str) -> Option<&mut Waiter> {
-        if !self
-            .waiting_sends
-            .contains(&(user.clone(), cmid.to_string()))
-        {
+    fn pending_send(&mut self, hash: SendHash, user: &UserId, cmid: &str) -> Option<&mut Waiter> {
+        if !self.sends.may_wait(hash) {
             return None;
         }
         let in_flight = self.in_flight.iter_mut().flat_map(|f| f.waiters.iter_mut());
@@ -514,25 +506,25 @@ impl GroupState {
 
     /// Records a waiting send. Answered sends are not removed one by one:
     /// the set is rebuilt from the live waiters when it outgrows them.
-    fn note_waiting_send(&mut self, user: &UserId, cmid: &str) {
-        self.waiting_sends.insert((user.clone(), cmid.to_string()));
+    fn note_waiting_send(&mut self, hash: SendHash) {
+        self.sends.wait(hash);
         let live = self.pending.len()
             + self
                 .in_flight
                 .iter()
                 .map(|f| f.waiters.len())
                 .sum::<usize>();
-        if self.waiting_sends.len() > 2 * live + 1_024 {
+        if self.sends.waiting_len() > 2 * live + 1_024 {
             let in_flight = self.in_flight.iter().flat_map(|f| f.waiters.iter());
-            self.waiting_sends = self
+            let live = self
                 .pending
                 .iter()
                 .chain(in_flight)
                 .filter_map(|w| match &w.op {
-                    GroupOp::Send(s) => Some((w.user.clone(), s.client_msg_id.clone())),
+                    GroupOp::Send(s) => Some((&w.user, s.client_msg_id.as_str())),
                     _ => None,
-                })
-                .collect();
+                });
+            self.sends.reset_waiting(live);
         }
     }
 
@@ -883,14 +875,14 @@ impl GroupState {
             let hit = match &w.op {
                 GroupOp::Send(s) => dups
                     .iter()
-                    .find(|(u, c, _)| *u == w.user && *c == s.client_msg_id)
-                    .map(|(_, c, r)| (c.clone(), r.clone())),
+                    .find(|(u, c, _)| *u == w.user && **c == *s.client_msg_id),
                 _ => None,
             };
             match hit {
-                Some((cmid, rec)) => {
-                    self.remember(&w.user, &cmid, &rec);
-                    let reply = sent(&self.id, &cmid, &rec);
+                Some(dup) => {
+                    let cap = self.router.config().tuning.dedupe_cache;
+                    self.sends.remember(dup, cap);
+                    let reply = sent(&self.id, &dup.1, &dup.2);
                     w.answer(|| Ok(reply.clone()));
                 }
                 None => {
@@ -999,16 +991,12 @@ impl GroupState {
             meta.member_count = self.members.len() as u32;
         }
         if let Some(upto) = writes.indexed {
-            for (u, c, _) in &writes.index {
-                self.unindexed.remove(&(u.clone(), c.clone()));
-            }
+            self.sends.indexed(&writes.index);
             self.indexed = upto;
         }
-        for (u, c, rec) in &writes.sends {
-            self.remember(u, c, rec);
-            if !writes.record_sends {
-                self.unindexed.insert((u.clone(), c.clone()), rec.clone());
-            }
+        let cap = self.router.config().tuning.dedupe_cache;
+        for send in &writes.sends {
+            self.sends.committed_send(send, !writes.record_sends, cap);
         }
         metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
         metrics::histogram!("chat_commit_batch_messages").record(writes.log.len() as f64);
@@ -1057,30 +1045,14 @@ impl GroupState {
     fn index_dedupes(&self, writes: &mut Writes) {
         writes.record_sends = writes.sends.len() >= DEDUPE_DIRECT;
         let due = writes.record_sends
-            || self.unindexed.len() >= DEDUPE_FLUSH
+            || self.sends.unindexed_len() >= DEDUPE_FLUSH
             || self.head - self.indexed >= DEDUPE_LAG;
         if !due || self.in_flight.iter().any(|f| f.writes.indexed.is_some()) {
             return;
         }
-        writes.index = self
-            .unindexed
-            .iter()
-            .map(|((u, c), rec)| (u.clone(), c.clone(), rec.clone()))
-            .collect();
+        writes.index = self.sends.unindexed();
         let own = writes.record_sends && self.in_flight.is_empty();
         writes.indexed = Some(if own { writes.head } else { self.head });
-    }
-
-    fn remember(&mut self, user: &UserId, cmid: &str, rec: &DedupeRecord) {
-        let key = (user.clone(), cmid.to_string());
-        if self.recent.insert(key.clone(), rec.clone()).is_none() {
-            self.recent_order.push_back(key);
-        }
-        while self.recent_order.len() > self.router.config().tuning.dedupe_cache {
-            if let Some(old) = self.recent_order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
     }
 }
 

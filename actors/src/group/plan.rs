@@ -132,7 +132,9 @@ impl Waiter {
 /// A send's dedupe record with its key: `(user, clientMsgId, outcome)`.
 /// The user stays a [`UserId`] all the way to storage, which takes its
 /// `&str`: no string is formatted or parsed back per send.
-pub type SendRecord = (UserId, String, DedupeRecord);
+/// The id is shared (`Arc<str>`) by the batch, the group's memory of its
+/// sends and the dedupe records to write later: one copy per send.
+pub type SendRecord = (UserId, Arc<str>, DedupeRecord);
 
 /// What the commit transaction writes. Shared with the blocking task.
 #[derive(Debug, Default)]
@@ -395,10 +397,11 @@ impl Planner<'_> {
                 if let Some(parent) = s.reply_to_seq {
                     self.b.writes.threads.push((parent, seq));
                 }
-                self.b
-                    .writes
-                    .sends
-                    .push((user.clone(), s.client_msg_id.clone(), rec.clone()));
+                self.b.writes.sends.push((
+                    user.clone(),
+                    Arc::from(s.client_msg_id.as_str()),
+                    rec.clone(),
+                ));
                 self.b.effects.push(Effect::SenderRead(user.clone(), seq));
                 Ok((sent(&self.s.id, &s.client_msg_id, &rec), false))
             }
