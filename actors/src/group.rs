@@ -722,9 +722,9 @@ impl GroupState {
             !self.dirty.is_empty() && (pointers_due || !batch.is_empty() || self.retiring);
         if batch.is_empty() && !with_pointers {
             // Nothing to write: the planned requests (no-ops) are answered now.
-            for w in waiters {
-                let result = w.result.clone().unwrap_or(Ok(Kind::Ok(v1::Ok {})));
-                w.answer(|| result.clone());
+            for mut w in waiters {
+                let result = w.result.take().unwrap_or(Ok(Kind::Ok(v1::Ok {})));
+                w.answer(result);
             }
             if self.retiring && self.in_flight.is_empty() {
                 myself.stop(Some("retired".into()));
@@ -883,7 +883,7 @@ impl GroupState {
                     let cap = self.router.config().tuning.dedupe_cache;
                     self.sends.remember(dup, cap);
                     let reply = sent(&self.id, &dup.1, &dup.2);
-                    w.answer(|| Ok(reply.clone()));
+                    w.answer(Ok(reply));
                 }
                 None => {
                     let mut w = w;
@@ -924,7 +924,7 @@ impl GroupState {
         let behind = std::mem::take(&mut self.in_flight);
         for f in std::iter::once(flight).chain(behind) {
             for w in f.waiters {
-                w.answer(|| Err(err.clone()));
+                w.answer(Err(err.clone()));
             }
             for r in f.pointer_waiters {
                 r.fail(err.clone());
@@ -1023,12 +1023,7 @@ impl GroupState {
             });
         }
         for w in waiters {
-            let result = w.result.clone().unwrap_or_else(|| {
-                Err(ChatError::Internal(
-                    "planned request without an outcome".into(),
-                ))
-            });
-            w.answer(|| result.clone());
+            w.answer_planned();
         }
         if !self.dirty.is_empty() {
             self.schedule_flush(myself);

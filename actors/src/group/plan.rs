@@ -120,12 +120,22 @@ impl Waiter {
         }
     }
 
-    /// Answers every handle with `f()`.
-    pub fn answer(self, f: impl Fn() -> ChatResult<Kind>) {
-        self.reply.send(f());
+    /// Answers every handle with `result` (the retries with copies).
+    pub fn answer(self, result: ChatResult<Kind>) {
         for r in self.extra {
-            r.send(f());
+            r.send(result.clone());
         }
+        self.reply.send(result);
+    }
+
+    /// Answers every handle with the planned outcome.
+    pub fn answer_planned(mut self) {
+        let result = self.result.take().unwrap_or_else(|| {
+            Err(ChatError::Internal(
+                "planned request without an outcome".into(),
+            ))
+        });
+        self.answer(result);
     }
 }
 
@@ -590,7 +600,7 @@ pub fn plan(state: &mut GroupState, base_head: u64, behind: bool) -> (Batch, Vec
         }
         if !planner.s.exists() && !matches!(w.op, GroupOp::Create { .. }) {
             let e = ChatError::NotFound(format!("group {}", planner.s.id));
-            w.answer(|| Err(e.clone()));
+            w.answer(Err(e.clone()));
             continue;
         }
         match planner.op(&w.user.clone(), &w.op) {
@@ -601,7 +611,7 @@ pub fn plan(state: &mut GroupState, base_head: u64, behind: bool) -> (Batch, Vec
                     break;
                 }
             }
-            Err(e) => w.answer(|| Err(e.clone())),
+            Err(e) => w.answer(Err(e)),
         }
     }
     let batch = planner.b;

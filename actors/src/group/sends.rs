@@ -22,6 +22,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use hashbrown::HashTable;
+use hashbrown::hash_table::Entry;
 use storage::model::DedupeRecord;
 
 use super::plan::SendRecord;
@@ -161,12 +162,17 @@ impl Sends {
     /// Inserts or updates `send` in `table`; true if it was new.
     fn put(table: &mut HashTable<Known>, hash: SendHash, send: &SendRecord) -> bool {
         let (user, cmid, rec) = send;
-        if let Some(k) = table.find_mut(hash.0, |k| k.hash == hash.0 && k.is(user, cmid)) {
-            k.rec = rec.clone();
-            return false;
+        let found = |k: &Known| k.hash == hash.0 && k.is(user, cmid);
+        match table.entry(hash.0, found, |k| k.hash) {
+            Entry::Occupied(mut k) => {
+                k.get_mut().rec = rec.clone();
+                false
+            }
+            Entry::Vacant(v) => {
+                v.insert(Known::new(hash, send));
+                true
+            }
         }
-        table.insert_unique(hash.0, Known::new(hash, send), |k| k.hash);
-        true
     }
 
     /// The records of `sends` are written: they are no longer unindexed.
