@@ -504,10 +504,12 @@ impl GroupState {
         })
     }
 
-    /// Records a waiting send. Answered sends are not removed one by one:
-    /// the set is rebuilt from the live waiters when it outgrows them.
+    /// Records a waiting send, about to be queued. Answered sends are not
+    /// removed one by one: the set is rebuilt from the queued waiters when
+    /// it outgrows them, before this send is added (it is not queued yet,
+    /// so a rebuild after would leave it out, and a retry of it would be
+    /// planned as a second send).
     fn note_waiting_send(&mut self, hash: SendHash) {
-        self.sends.wait(hash);
         let live = self.pending.len()
             + self
                 .in_flight
@@ -526,6 +528,7 @@ impl GroupState {
                 });
             self.sends.reset_waiting(live);
         }
+        self.sends.wait(hash);
     }
 
     fn member(&self, user: &UserId) -> ChatResult<&Member> {

@@ -432,3 +432,44 @@ async fn a_group_from_before_the_watermark_gets_one_when_it_loads() {
     }
     assert_eq!(log(&store, &group).await.len(), 6, "nothing written twice");
 }
+
+/// The group forgets answered sends by rebuilding its set of waiting ones
+/// from its queue once the set holds 1,024 more than are queued. The send
+/// that triggers the rebuild is not queued yet: a retry of it, while it
+/// waits, must still be attached to it, not appended a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_of_the_send_that_rebuilds_the_waiting_set_is_not_a_second_send() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let router = router("pipe-rebuild", &store).await;
+    let alice = user("alice");
+    let group = create(&router, &alice, &["bob"]).await;
+    // 1,024 answered sends: the set holds them all, nothing is queued.
+    let mut first = Vec::new();
+    for i in 0..1_024 {
+        first.push(post(&router, &group, &alice, send(&group, &format!("m-{i}"))).await);
+    }
+    let mut last = 0;
+    for rx in first {
+        last = seq_of(answer(rx).await);
+    }
+    // The next send outgrows the set; its retry is right behind it in the
+    // mailbox, before its commit can report.
+    let once = post(&router, &group, &alice, send(&group, "trigger")).await;
+    let again = post(&router, &group, &alice, send(&group, "trigger")).await;
+    let seq = seq_of(answer(once).await);
+    assert_eq!(seq, last + 1);
+    assert_eq!(
+        seq_of(answer(again).await),
+        seq,
+        "the retry gets the same seq"
+    );
+    let next = seq_of(ask(&router, &group, &alice, send(&group, "after")).await);
+    assert_eq!(next, seq + 1, "the retry took no seq");
+    let entries = log(&store, &group).await;
+    let triggers = entries
+        .iter()
+        .filter(|(_, m)| m.client_msg_id == "trigger")
+        .count();
+    assert_eq!(triggers, 1, "one log entry for the send and its retry");
+}
