@@ -288,6 +288,7 @@ impl Actor for Group {
     ) -> Result<Self::State, ActorProcessingErr> {
         // Nothing slow here: the host waits for pre_start. Loading happens in
         // post_start, while requests already queue in the mailbox.
+        let dedupe_cache = args.router.config().tuning.dedupe_cache;
         Ok(GroupState {
             id: args.id,
             router: args.router,
@@ -302,7 +303,7 @@ impl Actor for Group {
             dirty: HashSet::new(),
             pointer_waiters: Vec::new(),
             flush_scheduled: false,
-            sends: Sends::default(),
+            sends: Sends::new(dedupe_cache),
             indexed: 0,
             typing: HashMap::new(),
             receipts: Receipts::default(),
@@ -883,8 +884,7 @@ impl GroupState {
             };
             match hit {
                 Some(dup) => {
-                    let cap = self.router.config().tuning.dedupe_cache;
-                    self.sends.remember(dup, cap);
+                    self.sends.remember(dup);
                     let reply = sent(&self.id, &dup.1, &dup.2);
                     w.answer(Ok(reply));
                 }
@@ -997,9 +997,8 @@ impl GroupState {
             self.sends.indexed(&writes.index);
             self.indexed = upto;
         }
-        let cap = self.router.config().tuning.dedupe_cache;
         for send in &writes.sends {
-            self.sends.committed_send(send, !writes.record_sends, cap);
+            self.sends.committed_send(send, !writes.record_sends);
         }
         metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
         metrics::histogram!("chat_commit_batch_messages").record(writes.log.len() as f64);

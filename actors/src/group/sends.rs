@@ -64,10 +64,11 @@ impl Known {
 /// - `unindexed` holds each committed send whose dedupe record may be
 ///   missing from storage, once (see `GroupState`'s invariants).
 /// - `recent` holds at most one entry per key, and `recent_order` the hash
-///   of each of its entries, oldest first, so `recent` never outgrows the
-///   cap it was last given.
-#[derive(Debug, Default)]
+///   of each of its entries, oldest first; neither outgrows `cap`.
+#[derive(Debug)]
 pub struct Sends {
+    /// How many recent sends are remembered (`tuning.dedupe_cache`).
+    cap: usize,
     hasher: RandomState,
     waiting: HashTable<u64>,
     recent: HashTable<Known>,
@@ -76,6 +77,18 @@ pub struct Sends {
 }
 
 impl Sends {
+    /// An empty index that remembers up to `cap` recent sends.
+    pub fn new(cap: usize) -> Self {
+        Sends {
+            cap,
+            hasher: RandomState::new(),
+            waiting: HashTable::new(),
+            recent: HashTable::new(),
+            recent_order: VecDeque::new(),
+            unindexed: HashTable::new(),
+        }
+    }
+
     /// The hash of a send's key, for the other calls.
     pub fn hash(&self, user: &UserId, cmid: &str) -> SendHash {
         SendHash(self.hasher.hash_one((user, cmid)))
@@ -99,8 +112,8 @@ impl Sends {
 
     /// Records a waiting send.
     pub fn wait(&mut self, hash: SendHash) {
-        if !self.may_wait(hash) {
-            self.waiting.insert_unique(hash.0, hash.0, |&h| h);
+        if let Entry::Vacant(v) = self.waiting.entry(hash.0, |&h| h == hash.0, |&h| h) {
+            v.insert(hash.0);
         }
     }
 
@@ -121,9 +134,9 @@ impl Sends {
     /// A send was committed: it is remembered as a recent send (the oldest
     /// beyond `cap` are forgotten) and, when its record is not written yet
     /// (`deferred`), as unindexed.
-    pub fn committed_send(&mut self, send: &SendRecord, deferred: bool, cap: usize) {
+    pub fn committed_send(&mut self, send: &SendRecord, deferred: bool) {
         let hash = self.hash(&send.0, &send.1);
-        self.remember_hashed(hash, send, cap);
+        self.remember_hashed(hash, send);
         if deferred {
             Self::put(&mut self.unindexed, hash, send);
         }
@@ -131,16 +144,16 @@ impl Sends {
 
     /// Remembers a committed send as a recent one, forgetting the oldest
     /// beyond `cap`.
-    pub fn remember(&mut self, send: &SendRecord, cap: usize) {
+    pub fn remember(&mut self, send: &SendRecord) {
         let hash = self.hash(&send.0, &send.1);
-        self.remember_hashed(hash, send, cap);
+        self.remember_hashed(hash, send);
     }
 
-    fn remember_hashed(&mut self, hash: SendHash, send: &SendRecord, cap: usize) {
+    fn remember_hashed(&mut self, hash: SendHash, send: &SendRecord) {
         if Self::put(&mut self.recent, hash, send) {
             self.recent_order.push_back(hash.0);
         }
-        while self.recent_order.len() > cap {
+        while self.recent_order.len() > self.cap {
             let Some(old) = self.recent_order.pop_front() else {
                 break;
             };
@@ -227,15 +240,15 @@ mod tests {
 
     #[test]
     fn committed_sends_are_found_by_user_and_id() {
-        let mut s = Sends::default();
+        let mut s = Sends::new(10);
         let a = send("alice", "m1", 1);
-        s.committed_send(&a, false, 10);
+        s.committed_send(&a, false);
         assert_eq!(lookup(&s, &a), Some(1));
         // The same id from someone else is another send.
         assert_eq!(lookup(&s, &send("bob", "m1", 0)), None);
         assert_eq!(lookup(&s, &send("alice", "m2", 0)), None);
         // A second commit of the key updates its outcome, not a copy.
-        s.committed_send(&send("alice", "m1", 7), false, 10);
+        s.committed_send(&send("alice", "m1", 7), false);
         assert_eq!(lookup(&s, &a), Some(7));
         assert_eq!(s.recent.len(), 1);
         assert_eq!(s.recent_order.len(), 1);
@@ -243,11 +256,11 @@ mod tests {
 
     #[test]
     fn the_recent_cache_forgets_the_oldest_but_unindexed_sends_stay() {
-        let mut s = Sends::default();
+        let mut s = Sends::new(3);
         let sends: Vec<_> = (1..=5).map(|i| send("u", &format!("c{i}"), i)).collect();
-        s.committed_send(&sends[0], true, 3);
+        s.committed_send(&sends[0], true);
         for x in &sends[1..] {
-            s.committed_send(x, false, 3);
+            s.committed_send(x, false);
         }
         assert_eq!(s.recent.len(), 3);
         // c1 left the cache but was never indexed: still known.
@@ -262,15 +275,15 @@ mod tests {
 
     #[test]
     fn indexing_removes_exactly_the_written_records() {
-        let mut s = Sends::default();
+        let mut s = Sends::new(0);
         let sends: Vec<_> = (1..=4).map(|i| send("u", &format!("c{i}"), i)).collect();
         for x in &sends[..3] {
-            s.committed_send(x, true, 0);
+            s.committed_send(x, true);
         }
         let written = s.unindexed();
         assert_eq!(written.len(), 3);
         // A send committed after the batch that writes them was planned.
-        s.committed_send(&sends[3], true, 0);
+        s.committed_send(&sends[3], true);
         s.indexed(&written);
         assert_eq!(s.unindexed_len(), 1);
         assert_eq!(lookup(&s, &sends[3]), Some(4));
@@ -284,7 +297,7 @@ mod tests {
 
     #[test]
     fn the_waiting_set_is_a_superset_until_rebuilt() {
-        let mut s = Sends::default();
+        let mut s = Sends::new(10);
         let (a, b) = (send("u", "a", 0), send("u", "b", 0));
         let (ha, hb) = (s.hash(&a.0, &a.1), s.hash(&b.0, &b.1));
         assert!(!s.may_wait(ha));
@@ -301,7 +314,7 @@ mod tests {
 
     #[test]
     fn a_hash_is_of_the_whole_key() {
-        let s = Sends::default();
+        let s = Sends::new(10);
         let u = UserId::parse("ab").expect("valid id");
         let v = UserId::parse("a").expect("valid id");
         // "ab" + "c" and "a" + "bc" are different keys.
