@@ -189,22 +189,8 @@ async fn read_loop(
     let how = loop {
         match rx.next().await {
             Some(Ok(Ws::Binary(b))) => {
-                let Ok(frame) = ServerFrame::decode(&b[..]) else {
-                    rec.closed("undecodable frame".into());
-                    continue;
-                };
-                if frame.id != 0 {
-                    let _ = replies.send(frame);
-                } else {
-                    match frame.kind {
-                        Some(server_frame::Kind::Message(m)) => {
-                            rec.on_text(index, &m.text, now_nanos())
-                        }
-                        Some(server_frame::Kind::Error(e)) => {
-                            rec.closed(format!("error push {:?}", e.code()));
-                        }
-                        _ => {}
-                    }
+                if let Err(e) = on_binary(b, &replies, &rec, index) {
+                    rec.closed(e);
                 }
             }
             Some(Ok(Ws::Close(c))) => {
@@ -219,6 +205,67 @@ async fn read_loop(
     if how != "1000" && how != "eof" {
         rec.closed(how);
     }
+}
+
+/// The parts of a [`ServerFrame`] a reader looks at first: the reply id,
+/// and of a push only a `message`'s text (the latency tag) or an `error`'s
+/// code. Same field numbers as the real message, so it decodes any server
+/// frame: prost skips the fields it does not name, without allocating, and
+/// the text is a slice of the frame's own buffer. A full decode per push
+/// (group, sender and client ids, text, into fresh strings) was ~12% of the
+/// load generator's CPU in fan-out runs (docs/benchmarks.md, round 14).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Peek {
+    /// `ServerFrame.id`: non-zero for a reply.
+    #[prost(uint64, tag = "1")]
+    id: u64,
+    /// `ServerFrame.kind.error`.
+    #[prost(message, optional, tag = "15")]
+    error: Option<ErrorPeek>,
+    /// `ServerFrame.kind.message`.
+    #[prost(message, optional, tag = "20")]
+    message: Option<TextPeek>,
+}
+
+/// `Error.code`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ErrorPeek {
+    #[prost(int32, tag = "1")]
+    code: i32,
+}
+
+/// `Message.text`, as bytes (the wire type of `string` and `bytes` is the
+/// same; UTF-8 is checked when it is read).
+#[derive(Clone, PartialEq, prost::Message)]
+struct TextPeek {
+    #[prost(bytes = "bytes", tag = "4")]
+    text: prost::bytes::Bytes,
+}
+
+/// Handles one binary frame: a reply is decoded whole and forwarded, a
+/// load message push is recorded, an error push is counted as a close
+/// reason (`Err`), other pushes are dropped.
+fn on_binary(
+    b: prost::bytes::Bytes,
+    replies: &mpsc::UnboundedSender<ServerFrame>,
+    rec: &Recorder,
+    index: usize,
+) -> Result<(), String> {
+    let undecodable = || "undecodable frame".to_string();
+    let peek = Peek::decode(b.clone()).map_err(|_| undecodable())?;
+    if peek.id != 0 {
+        let frame = ServerFrame::decode(b).map_err(|_| undecodable())?;
+        let _ = replies.send(frame);
+        return Ok(());
+    }
+    if let Some(m) = peek.message {
+        let text = std::str::from_utf8(&m.text).map_err(|_| undecodable())?;
+        rec.on_text(index, text, now_nanos());
+    } else if let Some(e) = peek.error {
+        let code = proto::v1::ErrorCode::try_from(e.code).unwrap_or_default();
+        return Err(format!("error push {code:?}"));
+    }
+    Ok(())
 }
 
 impl Conn {
@@ -330,6 +377,87 @@ pub async fn connect_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_records_pushes_and_forwards_whole_replies() {
+        use crate::stats::tag;
+        use proto::v1::{self, server_frame::Kind};
+        let rec = Recorder::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let bytes = |f: &ServerFrame| prost::bytes::Bytes::from(f.encode_to_vec());
+        // A load message push, with every other field set: its tag is recorded.
+        let sent = now_nanos().saturating_sub(2_000_000);
+        let push = ServerFrame {
+            id: 0,
+            kind: Some(Kind::Message(v1::Message {
+                group_id: "g1".into(),
+                seq: 9,
+                sender_id: "u1".into(),
+                text: tag(2, sent, 64),
+                sent_at_ms: 1,
+                reply_to_seq: Some(3),
+                mentions: vec!["u2".into()],
+                client_msg_id: "c1".into(),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(on_binary(bytes(&push), &tx, &rec, 0), Ok(()));
+        assert_eq!(rec.count(2), 1);
+        // Its latency is the ~2 ms since `sent`.
+        assert!(crate::stats::Summary::of(&rec.merged(2)).p50_us >= 2_000);
+        // A system message (no tag) is counted as foreign text.
+        let mut system = push.clone();
+        if let Some(Kind::Message(m)) = &mut system.kind {
+            m.text.clear();
+        }
+        assert_eq!(on_binary(bytes(&system), &tx, &rec, 0), Ok(()));
+        assert_eq!(rec.untagged.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // A reply goes to the connection whole, equal to what was sent.
+        let reply = ServerFrame {
+            id: 7,
+            kind: Some(Kind::Sent(v1::Sent {
+                group_id: "g1".into(),
+                client_msg_id: "c1".into(),
+                seq: 9,
+                sent_at_ms: 1,
+            })),
+        };
+        assert_eq!(on_binary(bytes(&reply), &tx, &rec, 0), Ok(()));
+        assert_eq!(rx.try_recv().ok(), Some(reply));
+        // An error push is a close reason; other pushes are dropped.
+        let error = ServerFrame {
+            id: 0,
+            kind: Some(Kind::Error(v1::Error {
+                code: v1::ErrorCode::RateLimited as i32,
+                message: "slow down".into(),
+            })),
+        };
+        assert_eq!(
+            on_binary(bytes(&error), &tx, &rec, 0),
+            Err("error push RateLimited".to_string())
+        );
+        let typing = ServerFrame {
+            id: 0,
+            kind: Some(Kind::Typing(v1::TypingEvent {
+                group_id: "g1".into(),
+                user_id: "u2".into(),
+            })),
+        };
+        assert_eq!(on_binary(bytes(&typing), &tx, &rec, 0), Ok(()));
+        // Garbage and a text that is not UTF-8 are undecodable, not a panic.
+        let garbage = prost::bytes::Bytes::from_static(&[0xff, 0xff, 0xff]);
+        assert_eq!(
+            on_binary(garbage, &tx, &rec, 0),
+            Err("undecodable frame".to_string())
+        );
+        let bad_text = vec![0xa2, 0x01, 0x03, 0x22, 0x01, 0xff];
+        assert_eq!(
+            on_binary(prost::bytes::Bytes::from(bad_text), &tx, &rec, 0),
+            Err("undecodable frame".to_string())
+        );
+        assert!(rx.try_recv().is_err());
+        assert_eq!(rec.count(2), 1);
+    }
 
     #[test]
     fn only_loopback_targets() {
