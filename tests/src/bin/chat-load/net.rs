@@ -227,10 +227,10 @@ struct Peek {
     message: Option<TextPeek>,
 }
 
-/// `Error.code`.
+/// `Error.code` (prost generates the `code()` getter, as for `Error`).
 #[derive(Clone, PartialEq, prost::Message)]
 struct ErrorPeek {
-    #[prost(int32, tag = "1")]
+    #[prost(enumeration = "proto::v1::ErrorCode", tag = "1")]
     code: i32,
 }
 
@@ -262,8 +262,7 @@ fn on_binary(
         let text = std::str::from_utf8(&m.text).map_err(|_| undecodable())?;
         rec.on_text(index, text, now_nanos());
     } else if let Some(e) = peek.error {
-        let code = proto::v1::ErrorCode::try_from(e.code).unwrap_or_default();
-        return Err(format!("error push {code:?}"));
+        return Err(format!("error push {:?}", e.code()));
     }
     Ok(())
 }
