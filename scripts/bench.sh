@@ -88,15 +88,7 @@ start_node() {
     RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$cfg" --listen "$ADDR" \
         --data-dir "$TMP/$name-data" 2>"$OUT/node-$name.log" &
     NODE_PID=$!
-    for _ in $(seq 1 300); do
-        if curl -sf "http://$ADDR/healthz" >/dev/null 2>&1; then
-            return 0
-        fi
-        kill -0 "$NODE_PID" 2>/dev/null || { tail -20 "$OUT/node-$name.log" >&2; return 1; }
-        sleep 0.1
-    done
-    echo "node did not become healthy in 30 s" >&2
-    return 1
+    wait_healthy "$ADDR" "$NODE_PID" "$OUT/node-$name.log"
 }
 
 stop_node() {

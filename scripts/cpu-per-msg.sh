@@ -59,11 +59,7 @@ bench_config cpu-per-msg "$ADDR" "$TMP/data" "${SYNC:-full}" 19500 >"$TMP/node.t
 
 RUST_LOG=warn "$BIN" run --config "$TMP/node.toml" 2>"$TMP/node.log" &
 NODE_PID=$!
-for _ in $(seq 1 300); do
-    curl -sf "http://$ADDR/healthz" >/dev/null 2>&1 && break
-    kill -0 "$NODE_PID" 2>/dev/null || { tail -20 "$TMP/node.log" >&2; exit 1; }
-    sleep 0.1
-done
+wait_healthy "$ADDR" "$NODE_PID" "$TMP/node.log" || exit 1
 
 timeout --kill-after=10 $((SECS + 60)) "$LOAD" --addr "$ADDR" --config "$TMP/node.toml" \
     --node-pid "$NODE_PID" durable --groups "$NGROUPS" --senders "$SENDERS" \
