@@ -14,7 +14,8 @@
 #   SKIP_BUILD=1          use the binaries already built (or CHAT_NODE/CHAT_LOAD)
 #   CHAT_NODE, CHAT_LOAD  binaries to use (default target/release/...)
 #   PORT                  node port (default 18080); 127.0.0.1 only
-#   OUT                   where result JSON, node logs and table.md go
+#   OUT                   where result JSON, node logs, each node's /metrics
+#                         after each run and table.md go
 #                         (default target/bench-results/<timestamp>)
 #   CALIBRATE=0           skip the 3 s calibration run (see below)
 #   CPORT                 first cluster node's HTTP port (default 18181; node i
@@ -184,7 +185,8 @@ stop_cluster() {
 }
 
 # load NAME ARGS...: run chat-load against the current node (or cluster,
-# when CLUSTER_PIDS is set), bounded by `timeout`, writing $OUT/NAME.json.
+# when CLUSTER_PIDS is set), bounded by `timeout`, writing $OUT/NAME.json
+# and then node i's /metrics to $OUT/NAME.metrics-i.txt.
 load() {
     local name=$1
     shift
@@ -202,6 +204,14 @@ load() {
         echo "   $name failed (see above); continuing" >&2
     fi
     LOAD_PID=
+    # Each node's counters and histograms (commit times, batch sizes,
+    # errors) as the run left them, for reading a result that swings.
+    local a i=1
+    for a in ${addr//,/ }; do
+        curl -sf "http://$a/metrics" >"$OUT/$name.metrics-$i.txt" 2>/dev/null ||
+            rm -f "$OUT/$name.metrics-$i.txt"
+        i=$((i + 1))
+    done
 }
 
 want() { [[ " $ONLY " == *" $1 "* ]]; }
