@@ -25,6 +25,11 @@
 #                         processes (defaults 99,500 / 5 / 7; ~70 s). A node
 #                         holds < 20,000 (its fd limit): 100,000 needs
 #                         BIG_NODES=6 BIG_N=100000
+#   SLOW_FSYNC_US=N       every fsync/fdatasync of the chat-node processes
+#                         takes at least N µs (scripts/slow-fsync.c, built
+#                         here with cc and preloaded into the nodes only):
+#                         4000 models the disk's slow mode (~4 ms), so a
+#                         run need not wait for the hour it comes in
 #
 # Scenario 5 starts a local cluster of release chat-nodes (one config each
 # with a [cluster] section, all sharing one SQLite file), waits until every
@@ -78,6 +83,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# The nodes' environment: the slow-fsync shim when SLOW_FSYNC_US is set.
+NODE_ENV=()
+if [[ -n ${SLOW_FSYNC_US:-} ]]; then
+    cc -O2 -shared -fPIC -o "$TMP/slow-fsync.so" "$ROOT/scripts/slow-fsync.c" -ldl
+    NODE_ENV=(LD_PRELOAD="$TMP/slow-fsync.so" SLOW_FSYNC_US="$SLOW_FSYNC_US")
+fi
+
 log() { echo "== $*" >&2; }
 
 # start_node NAME SYNC: a fresh node on $ADDR with its own data dir.
@@ -86,7 +98,7 @@ start_node() {
     local cfg=$TMP/$name.toml
     bench_config bench "$ADDR" "$TMP/$name-data" "$sync" 19500 >"$cfg"
     CFG=$cfg
-    RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$cfg" --listen "$ADDR" \
+    env "${NODE_ENV[@]}" RUST_LOG="${RUST_LOG:-warn}" "$NODE" run --config "$cfg" --listen "$ADDR" \
         --data-dir "$TMP/$name-data" 2>"$OUT/node-$name.log" &
     NODE_PID=$!
     wait_healthy "$ADDR" "$NODE_PID" "$OUT/node-$name.log"
@@ -130,7 +142,7 @@ cookie = \"bench-cluster-cookie\"
 seeds = [$seeds]
 ping_interval_ms = 250
 failure_timeout_ms = 3000" >"$dir/node$i.toml"
-        RUST_LOG=${RUST_LOG:-warn} "$NODE" run --config "$dir/node$i.toml" \
+        env "${NODE_ENV[@]}" RUST_LOG="${RUST_LOG:-warn}" "$NODE" run --config "$dir/node$i.toml" \
             2>"$OUT/node-$name-$i.log" &
         CLUSTER_PIDS+=($!)
         CLUSTER_ADDRS+="${CLUSTER_ADDRS:+,}$http"
@@ -220,7 +232,7 @@ FILES=()
 add() { [[ -f $OUT/$1.json ]] && FILES+=("$OUT/$1.json"); return 0; }
 
 T0=$(date +%s)
-log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn); $(nproc) cores"
+log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn); $(nproc) cores${SLOW_FSYNC_US:+; every node fsync takes >= $SLOW_FSYNC_US us}"
 
 # Calibration: the speed of this machine changes by up to 2x from one hour
 # to the next (docs/benchmarks.md, rounds 6 and 7), so every run first
