@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::net::{Target, connect_many};
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_most};
 use crate::stats::{
-    CLK_TCK, NodesCpu, Recorder, cpu_ticks, http_get, metric, rss_kib, rss_sum_kib,
+    CLK_TCK, MachineMeter, NodesCpu, Recorder, cpu_ticks, http_get, metric, rss_kib, rss_sum_kib,
 };
 
 /// `chat_connections` of every node of the target (`None` where the scrape
@@ -115,6 +115,7 @@ pub fn run(
     let procs = p.procs.max(1);
     let rss_before = rss_sum_kib(node_pids);
     let node_cpu = NodesCpu::start(node_pids);
+    let machine = MachineMeter::start();
     let t0 = Instant::now();
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
@@ -152,6 +153,7 @@ pub fn run(
     let each_conns = node_connections(target);
     let node_conns = each_conns.iter().copied().sum::<Option<f64>>();
     let node_cpu_pct = node_cpu.percent();
+    let machine = machine.usage();
     let connected: usize = reports.iter().map(|r| r.connected).sum();
     let failed: usize = reports.iter().map(|r| r.failed).sum();
     let connect_secs = reports.iter().map(|r| r.secs).fold(0.0, f64::max);
@@ -217,6 +219,7 @@ pub fn run(
         latency_ms: "-".into(),
         node_cpu: pct(node_cpu_pct),
         loadgen_cpu: format!("{gen_cpu:.0}% (connect phase)"),
+        machine_steal: machine.map(|m| m.steal_percent),
         target: "≤ 10 KB node RSS/conn".into(),
         verdict: match worst_kb {
             Some(k) if failed == 0 => verdict_at_most(k, 10.0),
@@ -248,6 +251,7 @@ pub fn run(
             "node_connections_metric": node_conns,
             "node_connections_after_hold": node_conns_after_hold,
             "node_cpu_percent": node_cpu_pct,
+            "machine": machine,
             "loadgen_rss_kib": gen_rss,
             "loadgen_bytes_per_conn": gen_per_conn_kb * 1000.0,
             "loadgen_cpu_percent_connect": gen_cpu,

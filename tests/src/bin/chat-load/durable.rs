@@ -27,8 +27,8 @@ use crate::net::{Conn, Target, connect_many};
 use crate::plan::user_id;
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least};
 use crate::stats::{
-    CpuMeter, MAX_LATENCY_US, NodesCpu, Recorder, Summary, http_get, metric, now_nanos,
-    summary_quantiles, tag,
+    CpuMeter, MAX_LATENCY_US, MachineMeter, NodesCpu, Recorder, Summary, http_get, metric,
+    now_nanos, summary_quantiles, tag,
 };
 
 /// Parameters.
@@ -203,6 +203,7 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
     let before = http_get(target.addr(), "/metrics").context("scraping /metrics")?;
     let node_cpu = NodesCpu::start(node_pids);
     let self_cpu = CpuMeter::start(None);
+    let machine = MachineMeter::start();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(p.secs);
     let handles: Vec<_> = conns
@@ -216,6 +217,7 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
     }
     let node_cpu = node_cpu.percent();
     let self_cpu = self_cpu.percent();
+    let machine = machine.usage();
     let after = http_get(target.addr(), "/metrics").context("scraping /metrics")?;
     let acked_in_window: u64 = outs.iter().map(|o| o.acked_in_window).sum();
     let acked: u64 = outs.iter().map(|o| o.acked).sum();
@@ -270,6 +272,7 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
         latency_ms: format!("ack: {}", ack.ms_cell()),
         node_cpu: pct(node_cpu),
         loadgen_cpu: pct(self_cpu),
+        machine_steal: machine.map(|m| m.steal_percent),
         target: if p.target > 0.0 {
             format!("≥ {} acked", rate(p.target))
         } else {
@@ -304,6 +307,7 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
             "commit_batch_quantiles_since_start": quantiles,
             "node_cpu_percent": node_cpu,
             "loadgen_cpu_percent": self_cpu,
+            "machine": machine,
             "closes": rec.closes(),
         }),
     })

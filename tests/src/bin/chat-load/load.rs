@@ -26,7 +26,9 @@ use crate::plan::{big_group_requests, deal, group_of_user, plan_groups, shuffled
 use crate::report::{
     ResultFile, Row, pct, peak_verdict, rate, thousands, verdict_at_least, verdict_at_most,
 };
-use crate::stats::{CpuMeter, MAX_STEPS, NodesCpu, Recorder, Summary, now_nanos, tag};
+use crate::stats::{
+    CpuMeter, MAX_STEPS, MachineMeter, MachineUsage, NodesCpu, Recorder, Summary, now_nanos, tag,
+};
 
 /// Timeout of setup requests (createGroup, addMembers).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -84,12 +86,21 @@ pub struct StepResult {
     pub node_cpu_each: Vec<Option<f64>>,
     /// Load generator CPU, % of one core.
     pub loadgen_cpu: Option<f64>,
+    /// The whole machine over the step (busy, iowait, steal).
+    pub machine: Option<MachineUsage>,
     /// Connections closed by the server so far (by code).
     pub closes: BTreeMap<String, u64>,
     /// Whether every delivery and reply arrived, without errors, and no
     /// connection was cut off (pacer skips do not count: they are the load
     /// generator's own stalls and show as `sent` below the offered rate).
     pub kept_up: bool,
+}
+
+impl StepResult {
+    /// The machine's steal time over the step, % of all cores' time.
+    pub fn steal(&self) -> Option<f64> {
+        self.machine.map(|m| m.steal_percent)
+    }
 }
 
 /// Parameters of a stepped run.
@@ -178,6 +189,7 @@ pub async fn run_steps(
     for (step, &total) in steps.rates.iter().enumerate() {
         let node_cpu = NodesCpu::start(node_pids);
         let self_cpu = CpuMeter::start(None);
+        let machine = MachineMeter::start();
         let start = Instant::now() + Duration::from_millis(50);
         let end = start + Duration::from_secs_f64(steps.step_secs);
         let per = per_driver(total, drivers.len());
@@ -246,6 +258,7 @@ pub async fn run_steps(
             node_cpu: node_cpu.percent(),
             node_cpu_each: node_cpu.each(),
             loadgen_cpu: self_cpu.percent(),
+            machine: machine.usage(),
             closes,
             kept_up,
         };
@@ -400,6 +413,7 @@ pub async fn fanout(
             latency_ms: b.latency.ms_cell(),
             node_cpu: pct(b.node_cpu),
             loadgen_cpu: pct(b.loadgen_cpu),
+            machine_steal: b.steal(),
             target: format!(
                 "{}p99 < {} ms",
                 if p.target_deliveries > 0.0 {
@@ -422,6 +436,7 @@ pub async fn fanout(
             latency_ms: results.first().map_or("-".into(), |s| s.latency.ms_cell()),
             node_cpu: results.first().map_or("-".into(), |s| pct(s.node_cpu)),
             loadgen_cpu: results.first().map_or("-".into(), |s| pct(s.loadgen_cpu)),
+            machine_steal: results.first().and_then(StepResult::steal),
             target: format!("p99 < {} ms", p.target_p99_ms),
             verdict: results.first().map_or("MISSED".into(), |s| {
                 verdict_at_most(s.latency.p99_us as f64 / 1000.0, p.target_p99_ms)
@@ -442,6 +457,7 @@ pub async fn fanout(
             latency_ms: pk.latency.ms_cell(),
             node_cpu: pct(pk.node_cpu),
             loadgen_cpu: pct(pk.loadgen_cpu),
+            machine_steal: pk.steal(),
             target: if p.target_deliveries > 0.0 {
                 format!(
                     "≥ {} deliveries, p99 < {} ms",
@@ -601,6 +617,7 @@ pub async fn groups(
             latency_ms: r.latency.ms_cell(),
             node_cpu: pct(r.node_cpu),
             loadgen_cpu: pct(r.loadgen_cpu),
+            machine_steal: r.steal(),
             target: "-".into(),
             verdict: "-".into(),
         });
@@ -622,6 +639,7 @@ pub async fn groups(
         latency_ms: best.map_or("-".into(), |b| b.latency.ms_cell()),
         node_cpu: best.map_or("-".into(), |b| pct(b.node_cpu)),
         loadgen_cpu: best.map_or("-".into(), |b| pct(b.loadgen_cpu)),
+        machine_steal: best.and_then(StepResult::steal),
         target: format!("p99 < {} ms", p.p99_ms),
         verdict: match (best, results.last()) {
             (Some(b), Some(l)) if b.step == l.step => {
@@ -674,6 +692,7 @@ mod tests {
             node_cpu: None,
             node_cpu_each: Vec::new(),
             loadgen_cpu: None,
+            machine: None,
             closes: BTreeMap::new(),
             kept_up,
         }

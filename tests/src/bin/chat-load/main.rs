@@ -302,6 +302,7 @@ fn main() -> Result<()> {
                 loadgen_cpu: "-".into(),
                 target: "-".into(),
                 verdict: "TODO".into(),
+                machine_steal: None,
             });
         }
         print!("{}", report::table(&rows));

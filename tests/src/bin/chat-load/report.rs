@@ -22,6 +22,10 @@ pub struct Row {
     pub target: String,
     /// `met`, `MISSED (...)`, `-`, `TODO`.
     pub verdict: String,
+    /// The hypervisor's steal time over the row's interval, % of all
+    /// cores' time (`None`: not measured, or a file written before it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_steal: Option<f64>,
 }
 
 /// A result file: rows for the table plus free-form details.
@@ -68,7 +72,13 @@ const HEADERS: [&str; 8] = [
     "verdict",
 ];
 
-/// The rows as a Markdown table.
+/// Steal time worth a note under the table, % of all cores' time.
+pub const STEAL_NOTE_PERCENT: f64 = 1.0;
+
+/// The rows as a Markdown table, and under it a note naming the rows
+/// (numbered from 1 in table order) measured while the hypervisor took at
+/// least [`STEAL_NOTE_PERCENT`] of the machine: those numbers come from a
+/// machine that had less CPU to give than it seemed.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str(&format!("| {} |\n", HEADERS.join(" | ")));
@@ -86,6 +96,21 @@ pub fn table(rows: &[Row]) -> String {
         ];
         let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "/")).collect();
         out.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    let stolen: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let s = r.machine_steal.filter(|&s| s >= STEAL_NOTE_PERCENT)?;
+            Some(format!("row {} {s:.1}%", i + 1))
+        })
+        .collect();
+    if !stolen.is_empty() {
+        out.push_str(&format!(
+            "\nSteal time (CPU the hypervisor gave to other guests, % of all cores' time) \
+             of {STEAL_NOTE_PERCENT}% or more: {}.\n",
+            stolen.join(", ")
+        ));
     }
     out
 }
@@ -181,11 +206,36 @@ mod tests {
         let t = table(std::slice::from_ref(&r));
         assert_eq!(t.lines().count(), 3);
         assert!(t.contains("| 1. connections | N=10,000 | a/b |"));
+        // Steal under the threshold is not noted; above it, the row is named.
+        let calm = Row {
+            machine_steal: Some(0.4),
+            ..r.clone()
+        };
+        assert_eq!(table(std::slice::from_ref(&calm)), t);
+        let stolen = Row {
+            scenario: "4. durable append".into(),
+            params: "sync=full".into(),
+            machine_steal: Some(12.34),
+            ..Row::default()
+        };
+        let t2 = table(&[calm, stolen.clone()]);
+        assert_eq!(t2.lines().count(), 6);
+        assert!(t2.ends_with("of 1% or more: row 2 12.3%.\n"), "{t2}");
         let f = ResultFile {
             rows: vec![r.clone()],
             details: serde_json::json!({"x": 1}),
         };
         let back: ResultFile = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
         assert_eq!(back.rows, vec![r]);
+        // A file written before steal was measured still reads.
+        let old = r#"{"rows":[{"scenario":"s","params":"p","result":"r","latency_ms":"-","node_cpu":"-","loadgen_cpu":"-","target":"-","verdict":"-"}]}"#;
+        let old: ResultFile = serde_json::from_str(old).unwrap();
+        assert_eq!(old.rows[0].machine_steal, None);
+        let f = ResultFile {
+            rows: vec![stolen],
+            details: serde_json::Value::Null,
+        };
+        let back: ResultFile = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back.rows[0].machine_steal, Some(12.34));
     }
 }

@@ -315,6 +315,92 @@ pub fn rss_sum_kib(pids: &[u32]) -> Option<u64> {
     pids.iter().map(|&p| rss_kib(Some(p))).sum()
 }
 
+/// The whole machine's CPU time since boot, in clock ticks summed over
+/// all cores, from the first (`cpu`) line of `/proc/stat`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MachineTicks {
+    /// user + nice + system + irq + softirq (guest time is inside user).
+    pub busy: u64,
+    /// Idle while some task waited for the disk.
+    pub iowait: u64,
+    /// Time the hypervisor ran something else while this guest wanted a CPU.
+    pub steal: u64,
+    /// busy + idle + iowait + steal.
+    pub total: u64,
+}
+
+/// The `cpu` line of a `/proc/stat` text (`None` if missing or malformed).
+pub fn parse_machine_ticks(text: &str) -> Option<MachineTicks> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    let (user, nice, system, idle) = (*f.first()?, *f.get(1)?, *f.get(2)?, *f.get(3)?);
+    let (iowait, irq, softirq) = (*f.get(4)?, *f.get(5)?, *f.get(6)?);
+    let steal = f.get(7).copied().unwrap_or(0);
+    let busy = user + nice + system + irq + softirq;
+    Some(MachineTicks {
+        busy,
+        iowait,
+        steal,
+        total: busy + idle + iowait + steal,
+    })
+}
+
+/// How the machine's CPUs spent an interval, in % of all cores' time
+/// (100 = every core): what else was going on while a step ran. Steal
+/// time is the one number here that the node and the load generator
+/// cannot cause: a run with much of it measured a slower machine.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct MachineUsage {
+    /// Busy, any process (the node, the load generator, anything else).
+    pub busy_percent: f64,
+    /// Idle with a task waiting for the disk.
+    pub iowait_percent: f64,
+    /// Taken by the hypervisor for other guests.
+    pub steal_percent: f64,
+}
+
+impl MachineUsage {
+    /// The usage between two readings (`None` if no time passed).
+    pub fn between(a: MachineTicks, b: MachineTicks) -> Option<MachineUsage> {
+        let total = b.total.checked_sub(a.total).filter(|&t| t > 0)? as f64;
+        let pct = |x: u64, y: u64| y.saturating_sub(x) as f64 / total * 100.0;
+        Some(MachineUsage {
+            busy_percent: pct(a.busy, b.busy),
+            iowait_percent: pct(a.iowait, b.iowait),
+            steal_percent: pct(a.steal, b.steal),
+        })
+    }
+}
+
+/// The machine's CPU use from [`MachineMeter::start`] to now.
+pub struct MachineMeter {
+    start: Option<MachineTicks>,
+}
+
+impl MachineMeter {
+    /// Reads `/proc/stat` now.
+    pub fn start() -> Self {
+        MachineMeter {
+            start: machine_ticks(),
+        }
+    }
+
+    /// The usage since [`MachineMeter::start`] (`None` off Linux).
+    pub fn usage(&self) -> Option<MachineUsage> {
+        MachineUsage::between(self.start?, machine_ticks()?)
+    }
+}
+
+fn machine_ticks() -> Option<MachineTicks> {
+    parse_machine_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
 /// Percent of one core from two tick readings `secs` apart.
 pub fn cpu_percent(before: u64, after: u64, secs: f64) -> Option<f64> {
     if secs <= 0.0 {
@@ -460,6 +546,39 @@ mod tests {
         r.record(0, 0, u64::MAX);
         assert_eq!(r.count(0), 1);
         assert!(Summary::of(&r.merged(0)).max_us >= MAX_LATENCY_US / 2);
+    }
+
+    #[test]
+    fn machine_ticks_and_usage() {
+        let a = "cpu  1000 0 500 8000 100 0 100 300 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 1\n";
+        let b = "cpu  1400 0 600 8300 150 0 100 450 0 0\n";
+        let ta = parse_machine_ticks(a).unwrap();
+        assert_eq!(
+            ta,
+            MachineTicks {
+                busy: 1600,
+                iowait: 100,
+                steal: 300,
+                total: 10_000
+            }
+        );
+        let u = MachineUsage::between(ta, parse_machine_ticks(b).unwrap()).unwrap();
+        // 1,000 ticks passed: 500 busy, 300 idle, 50 iowait, 150 steal.
+        assert!((u.busy_percent - 50.0).abs() < 1e-9);
+        assert!((u.iowait_percent - 5.0).abs() < 1e-9);
+        assert!((u.steal_percent - 15.0).abs() < 1e-9);
+        // An old kernel's line without steal reads as none.
+        assert_eq!(parse_machine_ticks("cpu 1 2 3 4 5 6 7\n").unwrap().steal, 0);
+        // No time passed, a malformed or missing line: no answer.
+        assert_eq!(MachineUsage::between(ta, ta), None);
+        assert_eq!(parse_machine_ticks("cpu 1 x 3 4 5 6 7\n"), None);
+        assert_eq!(parse_machine_ticks("cpu 1 2 3\n"), None);
+        assert_eq!(parse_machine_ticks("intr 1\n"), None);
+        assert!(
+            MachineMeter::start()
+                .usage()
+                .is_none_or(|u| u.busy_percent <= 100.0)
+        );
     }
 
     #[test]
