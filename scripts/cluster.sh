@@ -11,6 +11,8 @@
 # debug build, BIN to use a given binary.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 RUN=run/local-3node
 CONF=cluster-config/local-3node
@@ -49,13 +51,15 @@ up() {
         echo $! >"$RUN/$n.pid"
         echo "$n started (pid $!, log $RUN/$n.log)"
     done
-    for i in 1 2 3; do
-        for _ in $(seq 1 100); do
-            curl -fs "http://127.0.0.1:808$i/healthz" >/dev/null 2>&1 && break
-            sleep 0.1
-        done
+    # A node that exits at start-up (a bad config, a port in use) fails
+    # `up` here, with its log's tail, instead of showing up as stopped.
+    local failed=0 i=1
+    for n in "${NODES[@]}"; do
+        wait_healthy "127.0.0.1:808$i" "$(cat "$RUN/$n.pid")" "$RUN/$n.log" || failed=1
+        i=$((i + 1))
     done
     status
+    return "$failed"
 }
 
 status() {
