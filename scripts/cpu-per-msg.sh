@@ -14,10 +14,11 @@
 # utime + stime (/proc/PID/task/TID/stat), the commit writer's scheduler
 # times (/proc/PID/task/TID/schedstat: on a CPU, runnable but waiting for
 # one, neither) and `chat_messages_committed_total` from /metrics. Prints
-# one line per thread name (µs of CPU per committed message) and the
-# writer's split. Build both binaries first (cargo build --release -p node
-# -p tests); run two binaries' measurements interleaved, as scripts/ab.sh
-# does, to compare them.
+# one line per thread name (µs of CPU per committed message), the
+# writer's split and the machine's steal time over the window (a window
+# with much of it measured a slower machine). Build both binaries first
+# (cargo build --release -p node -p tests); run two binaries'
+# measurements interleaved, as scripts/ab.sh does, to compare them.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -86,6 +87,9 @@ snapshot() {
     curl -sf "http://$ADDR/metrics" |
         awk '/^chat_messages_committed_total/ { n += $NF } END { print "committed", n + 0 }' >>"$out"
     echo "time $(date +%s%N)" >>"$out"
+    # The machine: user nice system idle iowait irq softirq steal (ticks).
+    awk '$1 == "cpu" { print "machine", $2, $3, $4, $5, $6, $7, $8, $9 + 0; exit }' \
+        /proc/stat >>"$out"
 }
 
 sleep "$SKIP"
@@ -102,6 +106,7 @@ awk -v hz="$(getconf CLK_TCK)" '
     $1 == "sched" { for (i = 2; i <= 4; i++) sched[side, i] = $i }
     $1 == "committed" { committed[side] = $2 }
     $1 == "time" { t[side] = $2 }
+    $1 == "machine" { for (i = 2; i <= 9; i++) m[side, i] = $i }
     END {
         n = committed[2] - committed[1]
         wall = (t[2] - t[1]) / 1e9
@@ -114,4 +119,8 @@ awk -v hz="$(getconf CLK_TCK)" '
         on = (sched[2, 2] - sched[1, 2]) / 1e9 / wall * 100
         wait = (sched[2, 3] - sched[1, 3]) / 1e9 / wall * 100
         printf "writer: on a CPU %.0f%%, waiting for a CPU %.0f%%, blocked or idle %.0f%%\n", on, wait, 100 - on - wait
+        total = 0
+        for (i = 2; i <= 9; i++) total += m[2, i] - m[1, i]
+        if (total > 0)
+            printf "machine: steal %.1f%% of all cores (CPU the hypervisor gave to other guests)\n", (m[2, 9] - m[1, 9]) / total * 100
     }' "$TMP/before" "$TMP/after"
