@@ -15,7 +15,8 @@
 #   CHAT_NODE, CHAT_LOAD  binaries to use (default target/release/...)
 #   PORT                  node port (default 18080); 127.0.0.1 only
 #   OUT                   where result JSON, node logs, each node's /metrics
-#                         after each run and table.md go
+#                         after each run, machine.txt (the CPU, kernel and
+#                         boot, scripts/lib.sh) and table.md go
 #                         (default target/bench-results/<timestamp>)
 #   CALIBRATE=0           skip the 3 s calibration run (see below)
 #   CPORT                 first cluster node's HTTP port (default 18181; node i
@@ -232,6 +233,11 @@ FILES=()
 add() { [[ -f $OUT/$1.json ]] && FILES+=("$OUT/$1.json"); return 0; }
 
 T0=$(date +%s)
+# Which machine this is goes into the results: two tables compare only when
+# their machines and their calibration rows do.
+MACHINE=$(machine_summary)
+echo "$MACHINE" >"$OUT/machine.txt"
+log "$MACHINE"
 log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn); $(nproc) cores${SLOW_FSYNC_US:+; every node fsync takes >= $SLOW_FSYNC_US us}"
 
 # Calibration: the speed of this machine changes by up to 2x from one hour
@@ -388,4 +394,8 @@ fi
 
 log "done in $(($(date +%s) - T0)) s"
 echo
-"$LOAD" report "${FILES[@]}" | tee "$OUT/table.md"
+{
+    echo "$MACHINE"
+    echo
+    "$LOAD" report "${FILES[@]}"
+} | tee "$OUT/table.md"

@@ -16,7 +16,8 @@
 # one, neither) and `chat_messages_committed_total` from /metrics. Prints
 # one line per thread name (µs of CPU per committed message), the
 # writer's split and the machine's steal time over the window (a window
-# with much of it measured a slower machine). Build both binaries first
+# with much of it measured a slower machine), then which machine this is
+# (machine_summary, scripts/lib.sh). Build both binaries first
 # (cargo build --release -p node -p tests); run two binaries'
 # measurements interleaved, as scripts/ab.sh does, to compare them.
 set -euo pipefail
@@ -124,3 +125,4 @@ awk -v hz="$(getconf CLK_TCK)" '
         if (total > 0)
             printf "machine: steal %.1f%% of all cores (CPU the hypervisor gave to other guests)\n", (m[2, 9] - m[1, 9]) / total * 100
     }' "$TMP/before" "$TMP/after"
+machine_summary

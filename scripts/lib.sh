@@ -4,6 +4,7 @@
 # own settings and traps.
 #
 #   wait_healthy ADDR PID LOG    # 0 once http://ADDR/healthz answers 2xx
+#   machine_summary              # one line naming this machine and boot
 
 # wait_healthy ADDR PID LOG: polls http://ADDR/healthz every 0.1 s for up to
 # 30 s. Returns 0 once it answers 2xx; 1 (with the tail of LOG on stderr) if
@@ -20,4 +21,23 @@ wait_healthy() {
     done
     echo "node at $addr did not become healthy in 30 s (log: $log)" >&2
     return 1
+}
+
+# machine_summary: prints one line naming the machine a result was measured
+# on: the CPU as the guest sees it (model name, family/model/stepping, MHz,
+# cache), the core count, the kernel and this boot's id. A run on another
+# machine (or after a reboot, which may land on another host) then shows
+# as such next to its calibration row, instead of reading as a faster or
+# slower hour (docs/benchmarks.md, round 17).
+machine_summary() {
+    printf 'machine: %s (family %s model %s stepping %s, %s MHz, cache %s), %s cores; kernel %s; boot %s\n' \
+        "$(cpuinfo_field 'model name')" "$(cpuinfo_field 'cpu family')" \
+        "$(cpuinfo_field model)" "$(cpuinfo_field stepping)" \
+        "$(cpuinfo_field 'cpu MHz')" "$(cpuinfo_field 'cache size')" \
+        "$(nproc)" "$(uname -r)" "$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo unknown)"
+}
+
+# cpuinfo_field NAME: the first value of NAME in /proc/cpuinfo (empty if none).
+cpuinfo_field() {
+    sed -n "s/^$1[[:space:]]*: //p; T; q" /proc/cpuinfo
 }
