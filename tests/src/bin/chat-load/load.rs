@@ -306,6 +306,19 @@ pub fn peak_step(steps: &[StepResult]) -> Option<&StepResult> {
         .max_by(|a, b| a.deliveries_per_sec.total_cmp(&b.deliveries_per_sec))
 }
 
+/// Whether a stepped run's peak is the node's ceiling or the step list's.
+/// A run stops at its first step that does not keep up or whose p99 passes
+/// `Steps::stop_p99_ms`; if it ran all `offered_steps` and kept up at the
+/// last, the ceiling was not reached. Before round 17 every fan-out "peak"
+/// was the highest rate offered, all delivered, and read as the ceiling.
+pub fn ceiling_note(steps: &[StepResult], offered_steps: usize) -> &'static str {
+    match steps.last() {
+        Some(last) if !last.kept_up => "a higher step fell behind",
+        _ if steps.len() < offered_steps => "stepping stopped at its p99 limit",
+        _ => "every step kept up: the ceiling is above the highest step offered",
+    }
+}
+
 /// Fan-out parameters.
 pub struct FanoutParams {
     /// Group members (all online).
@@ -382,6 +395,7 @@ pub async fn fanout(
         })
         .collect();
     let drivers: Vec<Vec<Sender>> = senders.into_iter().map(|s| vec![s]).collect();
+    let n_rates = steps.rates.len();
     let results = run_steps(drivers, steps, &rec, node_pids).await?;
     drop(conns);
     let params = format!(
@@ -453,7 +467,12 @@ pub async fn fanout(
                 thousands(p.members as u64),
                 pk.offered_msgs_per_sec
             ),
-            result: format!("{} deliveries, all delivered", rate(pk.deliveries_per_sec)),
+            result: format!(
+                "{} deliveries at {} msg/s sent, all delivered ({})",
+                rate(pk.deliveries_per_sec),
+                thousands(pk.msgs_per_sec.round() as u64),
+                ceiling_note(&results, n_rates)
+            ),
             latency_ms: pk.latency.ms_cell(),
             node_cpu: pct(pk.node_cpu),
             loadgen_cpu: pct(pk.loadgen_cpu),
@@ -710,5 +729,14 @@ mod tests {
         assert_eq!(best_step(&steps, 10.0).unwrap().step, 0);
         assert!(best_step(&steps, 1.0).is_none());
         assert_eq!(peak_step(&steps).unwrap().step, 2);
+        assert_eq!(ceiling_note(&steps, 4), "a higher step fell behind");
+        assert_eq!(
+            ceiling_note(&steps[..3], 3),
+            "every step kept up: the ceiling is above the highest step offered"
+        );
+        assert_eq!(
+            ceiling_note(&steps[..3], 4),
+            "stepping stopped at its p99 limit"
+        );
     }
 }
