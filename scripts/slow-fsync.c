@@ -55,8 +55,10 @@ static int timed(sync_fn *real, const char *name, int fd)
     struct timespec t0;
     if (*real == NULL)
         *real = (sync_fn)dlsym(RTLD_NEXT, name);
-    if (*real == NULL)
+    if (*real == NULL) {
+        errno = ENOSYS; /* no real call to make: fail as an unsupported one */
         return -1;
+    }
     int have_t0 = clock_gettime(CLOCK_MONOTONIC, &t0) == 0;
     int rc = (*real)(fd);
     int saved = errno; /* the caller reads the real call's errno */
