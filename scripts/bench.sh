@@ -246,7 +246,7 @@ T0=$(date +%s)
 MACHINE=$(machine_summary)
 echo "$MACHINE" >"$OUT/machine.txt"
 log "$MACHINE"
-log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn); $(nproc) cores${SLOW_FSYNC_US:+; every node fsync takes >= $SLOW_FSYNC_US us}"
+log "results in $OUT; open-file limit: soft $(ulimit -Sn), hard $(ulimit -Hn)${SLOW_FSYNC_US:+; every node fsync takes >= $SLOW_FSYNC_US us}"
 
 # Calibration: the speed of this machine changes by up to 2x from one hour
 # to the next (docs/benchmarks.md, rounds 6 and 7), so every run first
