@@ -177,7 +177,7 @@ async fn drive(
 
 /// Runs the steps with `drivers` (each a list of senders).
 pub async fn run_steps(
-    mut drivers: Vec<Vec<Sender>>,
+    drivers: Vec<Vec<Sender>>,
     steps: &Steps,
     rec: &Arc<Recorder>,
     node_pids: &[u32],
@@ -185,6 +185,33 @@ pub async fn run_steps(
     if steps.rates.len() > MAX_STEPS {
         bail!("at most {MAX_STEPS} steps");
     }
+    // The drivers run on a runtime of their own, one OS thread. On the main
+    // runtime a woken driver waits in the run queue behind every receiving
+    // connection that is ready too (10,000 of them at M=10,000), so at the
+    // top steps it woke tens of ms late and the pacer skipped sends. Its
+    // own thread is scheduled by the kernel, which favours a thread that
+    // sleeps most of the time. The connections' sockets stay registered
+    // with the main runtime's reactor, which keeps running; wakers work
+    // across runtimes.
+    let pace_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("chat-load-driver")
+        .enable_all()
+        .build()
+        .context("driver runtime")?;
+    let results = step_all(&pace_rt, drivers, steps, rec, node_pids).await;
+    // Dropping a runtime blocks, which is not allowed inside this one.
+    pace_rt.shutdown_background();
+    results
+}
+
+async fn step_all(
+    pace_rt: &tokio::runtime::Runtime,
+    mut drivers: Vec<Vec<Sender>>,
+    steps: &Steps,
+    rec: &Arc<Recorder>,
+    node_pids: &[u32],
+) -> Result<Vec<StepResult>> {
     let mut results = Vec::new();
     for (step, &total) in steps.rates.iter().enumerate() {
         let node_cpu = NodesCpu::start(node_pids);
@@ -198,7 +225,7 @@ pub async fn run_steps(
             .enumerate()
             .map(|(i, d)| {
                 let first = driver_start(start, total, i);
-                tokio::spawn(drive(d, per, first, end, step, steps.text_len))
+                pace_rt.spawn(drive(d, per, first, end, step, steps.text_len))
             })
             .collect();
         let mut outs = DriverOut::default();
