@@ -31,6 +31,8 @@
 #                         here with cc and preloaded into the nodes only):
 #                         4000 models the disk's slow mode (~4 ms), so a
 #                         run need not wait for the hour it comes in
+#   C3_LOAD_THREADS=N     load-generator threads for fan-out over 3 nodes
+#                         (default 3 x cores: see the comment at its use)
 #
 # Scenario 5 starts a local cluster of release chat-nodes (one config each
 # with a [cluster] section, all sharing one SQLite file), waits until every
@@ -237,6 +239,14 @@ want() { [[ " $ONLY " == *" $1 "* ]]; }
 FAN1K_RATES=20,100,200,400,800,1600,3200
 FAN10K_RATES=2,10,20,40,80,160,320
 
+# Load-generator threads for fan-out over 3 nodes. The kernel shares the
+# cores out per thread, and three nodes run ~9 busy threads (two runtime
+# workers and the cluster link each) against the load generator's one per
+# core. With 2 threads it got ~45% of a core at M=10,000 from 20 msg/s up,
+# read its pushes late and set the rows' latency (docs/benchmarks.md, round
+# 18); with one runtime worker per node core it gets ~75%, as on one node.
+C3_LOAD_THREADS=${C3_LOAD_THREADS:-$((3 * $(nproc)))}
+
 FILES=()
 add() { [[ -f $OUT/$1.json ]] && FILES+=("$OUT/$1.json"); return 0; }
 
@@ -358,7 +368,8 @@ if want 5; then
     # compare with the single-node ones).
     if [[ -n $QUICK ]]; then
         start_cluster c3fan 3
-        load cluster3-fanout-1k fanout --members 1000 --senders 4 --rates 100,400 \
+        load cluster3-fanout-1k --threads "$C3_LOAD_THREADS" fanout \
+            --members 1000 --senders 4 --rates 100,400 \
             --step-secs 2 --p99-ms 20
         stop_cluster
         add cluster3-fanout-1k
@@ -368,12 +379,12 @@ if want 5; then
         add cluster3-groups
     else
         start_cluster c3fan1k 3
-        load cluster3-fanout-1k fanout --members 1000 --senders 4 \
+        load cluster3-fanout-1k --threads "$C3_LOAD_THREADS" fanout --members 1000 --senders 4 \
             --rates "$FAN1K_RATES" --step-secs 5 --p99-ms 20
         stop_cluster
         add cluster3-fanout-1k
         start_cluster c3fan10k 3
-        load cluster3-fanout-10k fanout --members 10000 --senders 4 \
+        load cluster3-fanout-10k --threads "$C3_LOAD_THREADS" fanout --members 10000 --senders 4 \
             --rates "$FAN10K_RATES" --step-secs 5 --p99-ms 100 \
             --target-deliveries 500000
         stop_cluster
