@@ -271,10 +271,23 @@ fn child_args(cli: &Cli) -> Vec<String> {
     v
 }
 
-fn emit(cli: &Cli, file: &report::ResultFile) -> Result<()> {
+/// Prints the table and writes the JSON. A run with `--threads` says so in
+/// every row's parameters and in the details (`loadgen_threads`), since
+/// the load generator's share of the cores moves the latencies
+/// (docs/benchmarks.md, round 18).
+fn emit(cli: &Cli, mut file: report::ResultFile) -> Result<()> {
+    if let Some(t) = cli.threads {
+        for row in &mut file.rows {
+            row.params
+                .push_str(&format!("; load generator {t} threads"));
+        }
+        if let Some(details) = file.details.as_object_mut() {
+            details.insert("loadgen_threads".into(), t.into());
+        }
+    }
     println!("{}", report::table(&file.rows));
     if let Some(path) = &cli.json {
-        std::fs::write(path, serde_json::to_string_pretty(file)?)
+        std::fs::write(path, serde_json::to_string_pretty(&file)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -332,7 +345,7 @@ fn main() -> Result<()> {
                 prefix: prefix.clone(),
             };
             let file = conns::run(&target, &cli.node_pid, &p, &child_args(&cli))?;
-            emit(&cli, &file)
+            emit(&cli, file)
         }
         Cmd::ConnectChild {
             prefix,
@@ -386,7 +399,7 @@ fn main() -> Result<()> {
                 prefix: prefix.clone(),
             };
             let file = rt.block_on(load::fanout(&target, &cli.node_pid, &p, &steps))?;
-            emit(&cli, &file)
+            emit(&cli, file)
         }
         Cmd::Groups {
             users,
@@ -426,7 +439,7 @@ fn main() -> Result<()> {
                 prefix: prefix.clone(),
             };
             let file = rt.block_on(load::groups(&target, &cli.node_pid, &p, &steps))?;
-            emit(&cli, &file)
+            emit(&cli, file)
         }
         Cmd::Durable {
             groups,
@@ -458,7 +471,7 @@ fn main() -> Result<()> {
                 prefix: prefix.clone(),
             };
             let file = rt.block_on(durable::run(&target, &cli.node_pid, &p))?;
-            emit(&cli, &file)
+            emit(&cli, file)
         }
         Cmd::Report { .. } => unreachable!("handled above"),
     }
