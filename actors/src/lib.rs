@@ -52,4 +52,4 @@ pub use config::{ActorConfig, Limits, Tuning};
 pub use error::{ChatError, ChatResult};
 pub use ids::{GroupId, SessionId, UserId};
 pub use router::Router;
-pub use store::Store;
+pub use store::{Store, StoreOptions};

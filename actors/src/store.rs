@@ -13,6 +13,16 @@
 //!   it saved at 19,000 (measured; likely because each permit hand-off
 //!   waits for a runtime worker).
 //!
+//! The write lane's threads may run at a raised priority
+//! ([`StoreOptions::writer_nice`]). The embedded engine has one writer and
+//! every commit goes through it, so it is the node's serial path: with the
+//! default nice value, over 1,000 groups it spent a quarter of its time
+//! runnable but waiting for a core that tokio workers held
+//! (`scripts/cpu-per-msg.sh`), and at nice -10 the node acknowledged ~15%
+//! more (docs/benchmarks.md, round 18). Raising it needs `CAP_SYS_NICE` or
+//! an `RLIMIT_NICE` that allows it; without either the threads run at the
+//! normal priority and the store says so once.
+//!
 //! Who talks to it: actors (group creation and activation, the commit
 //! stage, sessions' and presences' reads). What it must not do: run
 //! anything but transactions on its lanes, or let a panicking transaction
@@ -30,6 +40,7 @@ use storage::{Kv, TxError, TxMode, Txn};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{ChatError, ChatResult};
+use tracing::{info, warn};
 
 /// A transaction closure's result.
 pub type TxResult<T> = Result<T, TxError<ChatError>>;
@@ -53,14 +64,25 @@ struct Lane {
 }
 
 impl Lane {
-    fn start(name: &str, threads: usize) -> Result<Lane, storage::Error> {
+    /// Starts `threads` threads named `name-i`, at nice value `nice` (0:
+    /// left as inherited).
+    fn start(name: &str, threads: usize, nice: i32) -> Result<Lane, storage::Error> {
         let (jobs, rx) = mpsc::channel::<Job>(LANE_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
+        let threads = threads.max(1);
+        // Each thread reports whether its priority was set before it takes
+        // its first job; the reports are gathered below and logged once.
+        let (set_tx, set_rx) = std::sync::mpsc::sync_channel(threads);
+        for i in 0..threads {
             let rx = rx.clone();
+            let set_tx = set_tx.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || {
+                    if nice != 0 {
+                        let _ = set_tx.send(set_thread_nice(nice));
+                    }
+                    drop(set_tx);
                     loop {
                         // One idle thread waits in `blocking_recv`, the others
                         // on the lock. The lock is never held across a job, so
@@ -76,6 +98,28 @@ impl Lane {
                     }
                 })
                 .map_err(|e| storage::Error::Engine(format!("starting a {name} thread: {e}")))?;
+        }
+        drop(set_tx);
+        if nice != 0 {
+            // Ends when every thread has reported (or exited without doing
+            // so, which counts as a failure below).
+            let reports: Vec<_> = set_rx.iter().collect();
+            match reports.iter().find_map(|r| r.as_ref().err()) {
+                None if reports.len() == threads => {
+                    info!(
+                        lane = name,
+                        threads, nice, "storage threads' priority raised"
+                    );
+                }
+                failed => warn!(
+                    lane = name,
+                    nice,
+                    error = %failed.map_or("a thread exited first".to_string(), |e| e.to_string()),
+                    "could not set the storage threads' priority; they run at the \
+                     normal one (grant CAP_SYS_NICE or allow it with RLIMIT_NICE, e.g. \
+                     systemd LimitNICE=, or set storage.writer_nice = 0)"
+                ),
+            }
         }
         Ok(Lane { jobs })
     }
@@ -104,6 +148,40 @@ impl Lane {
     }
 }
 
+/// Sets the calling thread's nice value (Linux: a per-thread attribute,
+/// so only this thread changes).
+#[cfg(target_os = "linux")]
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: gettid and setpriority take and return plain integers and
+    // touch no memory of ours; a failure is reported through errno.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "per-thread priority is set on Linux only",
+    ))
+}
+
+/// How the store runs its lanes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreOptions {
+    /// Nice value of the write lane's threads (-20..=19; 0 leaves them at
+    /// the process's). Negative values need `CAP_SYS_NICE` or a permitting
+    /// `RLIMIT_NICE`; see the module docs.
+    pub writer_nice: i32,
+}
+
 /// The store and its chat model. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -119,12 +197,18 @@ pub struct Store {
 pub const KEY_PREFIX: &[u8] = b"chat";
 
 impl Store {
-    /// Wraps an opened engine and starts its lanes' threads.
+    /// Wraps an opened engine and starts its lanes' threads, all at the
+    /// process's priority.
     pub fn new(kv: Arc<dyn Kv>) -> Result<Self, storage::Error> {
-        let lane = |name, mode| Lane::start(name, kv.parallelism(mode)).map(Arc::new);
+        Self::with_options(kv, StoreOptions::default())
+    }
+
+    /// Wraps an opened engine and starts its lanes' threads as `opts` says.
+    pub fn with_options(kv: Arc<dyn Kv>, opts: StoreOptions) -> Result<Self, storage::Error> {
+        let lane = |name, mode, nice| Lane::start(name, kv.parallelism(mode), nice).map(Arc::new);
         Ok(Store {
-            writes: lane("store-write", TxMode::ReadWrite)?,
-            reads: lane("store-read", TxMode::ReadOnly)?,
+            writes: lane("store-write", TxMode::ReadWrite, opts.writer_nice)?,
+            reads: lane("store-read", TxMode::ReadOnly, 0)?,
             kv,
             model: Model::new(KEY_PREFIX),
         })

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use actors::outbound::{CLOSE_GOING_AWAY, SharedPush};
 use actors::relay::RelayMessage;
-use actors::{Router, Store, UserId};
+use actors::{Router, Store, StoreOptions, UserId};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use proto::v1::{self, server_frame::Kind};
@@ -278,7 +278,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     describe_metrics();
     let kv = open_storage(&config)?;
-    let store = Store::new(kv).context("starting the storage threads")?;
+    let store = Store::with_options(
+        kv,
+        StoreOptions {
+            writer_nice: config.storage.writer_nice,
+        },
+    )
+    .context("starting the storage threads")?;
     info!(node = %config.node.name, engine = store.engine(), "storage open");
     // In a cluster, membership (ractor_cluster's links, the port, the
     // failure detector) runs on its own thread: a storm of client
