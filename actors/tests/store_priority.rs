@@ -23,21 +23,28 @@ fn thread_nice() -> i32 {
         .expect("a number")
 }
 
-#[test]
-fn the_write_lane_runs_at_its_nice_value_and_readers_do_not() {
+/// A store on a fresh file (kept while the directory lives) and a runtime
+/// to drive it.
+fn store(opts: StoreOptions) -> (tempfile::TempDir, Store, tokio::runtime::Runtime) {
     let dir = tempfile::tempdir().expect("tempdir");
     let kv = Arc::new(
         SqliteKv::open(&dir.path().join("chat.db"), SqliteOptions::default()).expect("open"),
     );
-    let base = thread_nice();
-    // Lower than the process's (always allowed), and within -20..=19.
-    let nice = (base + 5).min(19);
-    assert_ne!(nice, base, "the test process already runs at nice 19");
-    let store = Store::with_options(kv, StoreOptions { writer_nice: nice }).expect("store");
+    let store = Store::with_options(kv, opts).expect("store");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    (dir, store, runtime)
+}
+
+#[test]
+fn the_write_lane_runs_at_its_nice_value_and_readers_do_not() {
+    let base = thread_nice();
+    // Lower than the process's (always allowed), and within -20..=19.
+    let nice = (base + 5).min(19);
+    assert_ne!(nice, base, "the test process already runs at nice 19");
+    let (_dir, store, runtime) = store(StoreOptions { writer_nice: nice });
     let (writer, reader) = runtime.block_on(async {
         let writer = store
             .write(|_t, _m| Ok(thread_nice()))
@@ -54,17 +61,9 @@ fn the_write_lane_runs_at_its_nice_value_and_readers_do_not() {
 }
 
 #[test]
-fn store_new_leaves_the_write_lane_at_the_process_priority() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kv = Arc::new(
-        SqliteKv::open(&dir.path().join("chat.db"), SqliteOptions::default()).expect("open"),
-    );
+fn by_default_the_write_lane_keeps_the_process_priority() {
     let base = thread_nice();
-    let store = Store::new(kv).expect("store");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (_dir, store, runtime) = store(StoreOptions::default());
     let writer = runtime
         .block_on(store.write(|_t, _m| Ok(thread_nice())))
         .expect("write");
