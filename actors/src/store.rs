@@ -18,8 +18,8 @@
 //! every commit goes through it, so it is the node's serial path: with the
 //! default nice value, over 1,000 groups it spent a quarter of its time
 //! runnable but waiting for a core that tokio workers held
-//! (`scripts/cpu-per-msg.sh`), and at nice -10 the node acknowledged ~15%
-//! more (docs/benchmarks.md, round 18). Raising it needs `CAP_SYS_NICE` or
+//! (`scripts/cpu-per-msg.sh`), and at nice -10 the node acknowledged
+//! 6–15% more (docs/benchmarks.md, round 18). Raising it needs `CAP_SYS_NICE` or
 //! an `RLIMIT_NICE` that allows it; without either the threads run at the
 //! normal priority and the store says so once.
 //!
@@ -38,9 +38,9 @@ use std::time::Duration;
 use storage::model::Model;
 use storage::{Kv, TxError, TxMode, Txn};
 use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
 
 use crate::error::{ChatError, ChatResult};
-use tracing::{info, warn};
 
 /// A transaction closure's result.
 pub type TxResult<T> = Result<T, TxError<ChatError>>;
@@ -108,7 +108,7 @@ impl Lane {
                 None if reports.len() == threads => {
                     info!(
                         lane = name,
-                        threads, nice, "storage threads' priority raised"
+                        threads, nice, "storage threads' nice value set"
                     );
                 }
                 failed => warn!(

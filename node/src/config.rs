@@ -135,7 +135,7 @@ pub struct StorageSection {
     pub writer_nice: i32,
 }
 
-/// The commit writer is the embedded store's serial path; -10 gave ~15%
+/// The commit writer is the embedded store's serial path; -10 gave 6–15%
 /// more 1,000-group appends (docs/benchmarks.md, round 18).
 fn default_writer_nice() -> i32 {
     -10
