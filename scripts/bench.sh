@@ -16,7 +16,8 @@
 #   PORT                  node port (default 18080); 127.0.0.1 only
 #   OUT                   where result JSON, node logs, each node's /metrics
 #                         after each run, machine.txt (the CPU, kernel and
-#                         boot, scripts/lib.sh) and table.md go
+#                         boot, scripts/lib.sh, and the commit writer's nice
+#                         value) and table.md go
 #                         (default target/bench-results/<timestamp>)
 #   CALIBRATE=0           skip the 3 s calibration run (see below)
 #   CPORT                 first cluster node's HTTP port (default 18181; node i
@@ -105,6 +106,18 @@ start_node() {
         --data-dir "$TMP/$name-data" 2>"$OUT/node-$name.log" &
     NODE_PID=$!
     wait_healthy "$ADDR" "$NODE_PID" "$OUT/node-$name.log"
+    note_writer_nice "$NODE_PID"
+}
+
+# note_writer_nice PID: once per run, records (in machine.txt, so atop the
+# table, and in the log) the nice value node PID's commit writer got: -10
+# where the node may raise it, 0 where it may not (docs/decisions.md #33).
+WRITER_NICE=
+note_writer_nice() {
+    [[ -n $WRITER_NICE ]] && return 0
+    WRITER_NICE=$(thread_nice "$1" store-write)
+    echo "node: commit writer at nice $WRITER_NICE" >>"$OUT/machine.txt"
+    log "node: commit writer at nice $WRITER_NICE"
 }
 
 stop_node() {
@@ -169,6 +182,7 @@ failure_timeout_ms = 3000" >"$dir/node$i.toml"
         done
         if [[ -n $ready ]]; then
             log "$name: $n nodes live after $((SECONDS - t0)) s (pids ${CLUSTER_PIDS[*]})"
+            note_writer_nice "${CLUSTER_PIDS[0]}"
             curl -sf -H "Authorization: Bearer $token" \
                 "http://127.0.0.1:$CPORT/admin/status" >"$OUT/status-$name.json" || true
             return 0
@@ -414,7 +428,7 @@ fi
 log "done in $(($(date +%s) - T0)) s"
 echo
 {
-    echo "$MACHINE"
+    cat "$OUT/machine.txt"
     echo
     "$LOAD" report "${FILES[@]}"
 } | tee "$OUT/table.md"

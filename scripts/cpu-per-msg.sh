@@ -16,7 +16,8 @@
 # one, neither) and `chat_messages_committed_total` from /metrics. Prints
 # one line per thread name (µs of CPU per committed message), the
 # writer's split and the machine's steal time over the window (a window
-# with much of it measured a slower machine), then which machine this is
+# with much of it measured a slower machine), the writer's nice value
+# (decisions.md #33), then which machine this is
 # (machine_summary, scripts/lib.sh). Build both binaries first
 # (cargo build --release -p node -p tests); run two binaries'
 # measurements interleaved, as scripts/ab.sh does, to compare them.
@@ -97,6 +98,7 @@ sleep "$SKIP"
 snapshot before
 sleep "$WIN"
 snapshot after
+writer_nice=$(thread_nice "$NODE_PID" store-write)
 wait "$LOAD_PID" || echo "chat-load failed (see its output below)" >&2
 LOAD_PID=
 grep '^| 4\.' "$TMP/load.txt" || tail -5 "$TMP/load.txt"
@@ -125,4 +127,6 @@ awk -v hz="$(getconf CLK_TCK)" '
         if (total > 0)
             printf "machine: steal %.1f%% of all cores (CPU the hypervisor gave to other guests)\n", (m[2, 9] - m[1, 9]) / total * 100
     }' "$TMP/before" "$TMP/after"
+# Where the node may not raise it, the writer runs at 0 (decisions.md #33).
+echo "writer: nice $writer_nice"
 machine_summary

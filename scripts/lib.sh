@@ -5,6 +5,7 @@
 #
 #   wait_healthy ADDR PID LOG    # 0 once http://ADDR/healthz answers 2xx
 #   machine_summary              # one line naming this machine and boot
+#   thread_nice PID PREFIX       # nice value of PID's first PREFIX* thread
 
 # wait_healthy ADDR PID LOG: polls http://ADDR/healthz every 0.1 s for up to
 # 30 s. Returns 0 once it answers 2xx; 1 (with the tail of LOG on stderr) if
@@ -40,4 +41,25 @@ machine_summary() {
 # cpuinfo_field NAME: the first value of NAME in /proc/cpuinfo (empty if none).
 cpuinfo_field() {
     sed -n "s/^$1[[:space:]]*: //p; T; q" /proc/cpuinfo
+}
+
+# thread_nice PID PREFIX: prints the nice value of the first thread of
+# process PID whose name starts with PREFIX (field 19 of its
+# /proc/PID/task/TID/stat), or "-" if there is none. The node's commit
+# writer (store-write-0) runs at `[storage] writer_nice` only where the
+# node may raise its priority (docs/decisions.md #33), so a result says
+# which it got.
+thread_nice() {
+    local pid=$1 prefix=$2 t comm stat
+    local -a fields
+    for t in /proc/"$pid"/task/*; do
+        comm=$(cat "$t/comm" 2>/dev/null) || continue
+        [[ $comm == "$prefix"* ]] || continue
+        stat=$(cat "$t/stat" 2>/dev/null) || continue
+        # The fields after the name's closing parenthesis start at field 3.
+        read -ra fields <<<"${stat##*) }"
+        echo "${fields[16]}"
+        return 0
+    done
+    echo "-"
 }
