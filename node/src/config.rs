@@ -115,13 +115,11 @@ pub enum Sync {
 
 /// `[storage]`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StorageSection {
     /// Which engine.
-    #[serde(default)]
     pub engine: Engine,
     /// Embedded: durability.
-    #[serde(default)]
     pub sync: Sync,
     /// Embedded: the file, relative to `data_dir` unless absolute (default `chat.db`).
     pub path: Option<PathBuf>,
@@ -131,14 +129,7 @@ pub struct StorageSection {
     /// Nice value of the storage write threads (-20..=19, 0: unchanged).
     /// Raising their priority needs `CAP_SYS_NICE` or `RLIMIT_NICE`;
     /// without it the node logs a warning and runs them at the normal one.
-    #[serde(default = "default_writer_nice")]
     pub writer_nice: i32,
-}
-
-/// The commit writer is the embedded store's serial path; -10 gave 6–15%
-/// more 1,000-group appends (docs/benchmarks.md, round 18).
-fn default_writer_nice() -> i32 {
-    -10
 }
 
 impl Default for StorageSection {
@@ -148,7 +139,10 @@ impl Default for StorageSection {
             sync: Sync::default(),
             path: None,
             fdb_cluster_file: None,
-            writer_nice: default_writer_nice(),
+            // The commit writer is the embedded store's serial path; -10
+            // gave 6–15% more 1,000-group appends (docs/benchmarks.md,
+            // round 18).
+            writer_nice: -10,
         }
     }
 }
