@@ -1257,3 +1257,26 @@ fn fdb_conformance() {
     );
     drop(fixture);
 }
+
+/// The bundled SQLite is built with `.cargo/config.toml`'s
+/// `LIBSQLITE3_FLAGS`: no unified page cache behind one global mutex
+/// (`SQLITE_ENABLE_MEMORY_MANAGEMENT`, rusqlite's default) and no memory
+/// statistics (a global mutex on every allocation). A build that lost
+/// those flags (say, from outside the workspace) still works, only slower
+/// on the commit writer; this says so instead of letting it pass unseen.
+#[test]
+fn sqlite_is_built_without_global_allocation_locks() {
+    let conn = rusqlite::Connection::open_in_memory().expect("open");
+    let used = |opt: &str| -> bool {
+        conn.query_row("SELECT sqlite_compileoption_used(?1)", [opt], |r| r.get(0))
+            .expect(opt)
+    };
+    assert!(
+        !used("ENABLE_MEMORY_MANAGEMENT"),
+        "SQLite built with ENABLE_MEMORY_MANAGEMENT: was LIBSQLITE3_FLAGS from .cargo/config.toml applied?"
+    );
+    assert!(
+        used("DEFAULT_MEMSTATUS=0"),
+        "SQLite built with memory statistics on: was LIBSQLITE3_FLAGS from .cargo/config.toml applied?"
+    );
+}

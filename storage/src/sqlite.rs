@@ -30,6 +30,10 @@
 //!   checkpoints never block; if the WAL still grows past
 //!   `WAL_RESTART_PAGES` (a writer that never pauses), a `RESTART`
 //!   checkpoint waits for the writer once and lets the WAL start over.
+//! - The bundled SQLite is compiled without its process-wide allocation
+//!   locks (one shared page cache behind a mutex, memory statistics): see
+//!   `.cargo/config.toml` and docs/decisions.md #34. Each connection has
+//!   its own page cache, sized by `cache_size`.
 //!
 //! What it must not do: hold a connection inside a transaction after the
 //! [`Txn`] is gone (dropping a transaction, even while unwinding from a
