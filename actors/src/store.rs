@@ -101,20 +101,17 @@ impl Lane {
         }
         drop(set_tx);
         if nice != 0 {
-            // Ends when every thread has reported (or exited without doing
-            // so, which counts as a failure below).
-            let reports: Vec<_> = set_rx.iter().collect();
-            match reports.iter().find_map(|r| r.as_ref().err()) {
-                None if reports.len() == threads => {
-                    info!(
-                        lane = name,
-                        threads, nice, "storage threads' nice value set"
-                    );
-                }
-                failed => warn!(
+            // Each thread's first statement sends its report, so this reads
+            // one per thread (up to the first failure) and then ends.
+            match set_rx.iter().find_map(Result::err) {
+                None => info!(
+                    lane = name,
+                    threads, nice, "storage threads' nice value set"
+                ),
+                Some(e) => warn!(
                     lane = name,
                     nice,
-                    error = %failed.map_or("a thread exited first".to_string(), |e| e.to_string()),
+                    error = %e,
                     "could not set the storage threads' priority; they run at the \
                      normal one (grant CAP_SYS_NICE or allow it with RLIMIT_NICE, e.g. \
                      systemd LimitNICE=, or set storage.writer_nice = 0)"
