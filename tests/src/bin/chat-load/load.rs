@@ -185,24 +185,30 @@ pub async fn run_steps(
     if steps.rates.len() > MAX_STEPS {
         bail!("at most {MAX_STEPS} steps");
     }
-    // The drivers run on a runtime of their own, one OS thread. On the main
-    // runtime a woken driver waits in the run queue behind every receiving
-    // connection that is ready too (10,000 of them at M=10,000), so at the
-    // top steps it woke tens of ms late and the pacer skipped sends. Its
-    // own thread is scheduled by the kernel, which favours a thread that
-    // sleeps most of the time. The connections' sockets stay registered
-    // with the main runtime's reactor, which keeps running; wakers work
-    // across runtimes.
-    let pace_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("chat-load-driver")
-        .enable_all()
-        .build()
-        .context("driver runtime")?;
+    let pace_rt = driver_runtime()?;
     let results = step_all(&pace_rt, drivers, steps, rec, node_pids).await;
     // Dropping a runtime blocks, which is not allowed inside this one.
     pace_rt.shutdown_background();
     results
+}
+
+/// The runtime the drivers run on: one OS thread of its own.
+///
+/// On the main runtime a woken driver waits in the run queue behind every
+/// receiving connection that is ready too (10,000 of them at M=10,000), so
+/// at the top steps it woke tens of ms late and the pacer skipped sends.
+/// Its own thread is scheduled by the kernel, which favours a thread that
+/// sleeps most of the time. The connections' sockets stay registered with
+/// the main runtime's reactor, which keeps running; wakers work across
+/// runtimes. The test `drivers_keep_time_while_the_main_runtime_is_busy`
+/// checks both.
+fn driver_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("chat-load-driver")
+        .enable_all()
+        .build()
+        .context("driver runtime")
 }
 
 async fn step_all(
@@ -742,6 +748,77 @@ mod tests {
             closes: BTreeMap::new(),
             kept_up,
         }
+    }
+
+    /// The drivers' runtime keeps its timers while every worker of the main
+    /// runtime is busy, and writes to a socket the main runtime registered.
+    /// A driver spawned on the main runtime instead would wake only after
+    /// the workers are free again, `BUSY` late.
+    #[test]
+    fn drivers_keep_time_while_the_main_runtime_is_busy() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const WORKERS: usize = 2;
+        const BUSY: Duration = Duration::from_millis(800);
+        const TICK: Duration = Duration::from_millis(20);
+        const TICKS: u32 = 10;
+        let main = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKERS)
+            .enable_all()
+            .build()
+            .expect("main runtime");
+        // Outside `block_on`: a runtime may not be dropped inside another
+        // one, and a failed assertion below drops everything it holds.
+        let pace = driver_runtime().expect("driver runtime");
+        main.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let (mut client, (mut server, _)) =
+                (client.expect("connect"), accepted.expect("accept"));
+            // Every worker of the main runtime blocks its thread, as a
+            // worker does while it reads thousands of ready connections.
+            let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(WORKERS);
+            let barrier = Arc::new(std::sync::Barrier::new(WORKERS));
+            for _ in 0..WORKERS {
+                let (tx, barrier) = (started_tx.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    // Both workers hold a task before either blocks.
+                    barrier.wait();
+                    let _ = tx.try_send(());
+                    std::thread::sleep(BUSY);
+                });
+            }
+            for _ in 0..WORKERS {
+                started_rx.recv().await.expect("worker started");
+            }
+            // Measured from before the spawn: a driver that cannot even
+            // start is late too.
+            let start = Instant::now();
+            let driver = pace.spawn(async move {
+                let mut latest = Duration::ZERO;
+                for i in 1..=TICKS {
+                    let due = start + TICK * i;
+                    tokio::time::sleep_until(due).await;
+                    latest = latest.max(Instant::now() - due);
+                    client.write_all(b"x").await.expect("write");
+                }
+                (latest, Instant::now() - start)
+            });
+            let (latest, took) = driver.await.expect("driver task");
+            assert!(
+                took < BUSY / 2,
+                "the driver finished after {took:?} (its ticks take {:?}), as if it waited for the main runtime's {BUSY:?} of work",
+                TICK * TICKS
+            );
+            assert!(latest < BUSY / 2, "a tick woke {latest:?} late");
+            // The bytes written from the driver's runtime arrived.
+            let mut got = [0u8; TICKS as usize];
+            server.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, [b'x'; TICKS as usize]);
+        });
     }
 
     #[test]
