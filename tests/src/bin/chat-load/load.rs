@@ -780,19 +780,29 @@ mod tests {
                 (client.expect("connect"), accepted.expect("accept"));
             // Every worker of the main runtime blocks its thread, as a
             // worker does while it reads thousands of ready connections.
+            // Each task holds its worker until all of them run (bounded: a
+            // scheduler that ran them one after another fails the test
+            // instead of hanging it), then blocks for `BUSY`.
             let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(WORKERS);
-            let barrier = Arc::new(std::sync::Barrier::new(WORKERS));
+            let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for _ in 0..WORKERS {
-                let (tx, barrier) = (started_tx.clone(), barrier.clone());
+                let (tx, running) = (started_tx.clone(), running.clone());
                 tokio::spawn(async move {
-                    // Both workers hold a task before either blocks.
-                    barrier.wait();
-                    let _ = tx.try_send(());
+                    running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    while running.load(std::sync::atomic::Ordering::SeqCst) < WORKERS
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let all = running.load(std::sync::atomic::Ordering::SeqCst) == WORKERS;
+                    let _ = tx.try_send(all);
                     std::thread::sleep(BUSY);
                 });
             }
             for _ in 0..WORKERS {
-                started_rx.recv().await.expect("worker started");
+                let all = started_rx.recv().await.expect("worker started");
+                assert!(all, "the main runtime's workers were not all blocked at once");
             }
             // Measured from before the spawn: a driver that cannot even
             // start is late too.
