@@ -75,10 +75,9 @@ snapshot() {
     local out=$TMP/$1 t comm stat
     for t in /proc/"$NODE_PID"/task/*; do
         comm=$(<"$t/comm") || continue
-        stat=$(<"$t/stat") || continue
-        # Fields after the parenthesised name: state is the 1st, utime the
+        # Fields after the name (stat_fields): state is the 1st, utime the
         # 12th, stime the 13th.
-        stat=${stat##*) }
+        stat=$(stat_fields "$t/stat") || continue
         # shellcheck disable=SC2086 # split into fields on purpose
         set -- $stat
         echo "cpu ${comm// /_} $((${12} + ${13}))"

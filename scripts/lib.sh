@@ -6,6 +6,7 @@
 #   wait_healthy ADDR PID LOG    # 0 once http://ADDR/healthz answers 2xx
 #   machine_summary              # one line naming this machine and boot
 #   thread_nice PID PREFIX       # nice value of PID's first PREFIX* thread
+#   stat_fields STAT_FILE        # a /proc stat file's fields after the name
 
 # wait_healthy ADDR PID LOG: polls http://ADDR/healthz every 0.1 s for up to
 # 30 s. Returns 0 once it answers 2xx; 1 (with the tail of LOG on stderr) if
@@ -55,11 +56,21 @@ thread_nice() {
     for t in /proc/"$pid"/task/*; do
         comm=$(cat "$t/comm" 2>/dev/null) || continue
         [[ $comm == "$prefix"* ]] || continue
-        stat=$(cat "$t/stat" 2>/dev/null) || continue
-        # The fields after the name's closing parenthesis start at field 3.
-        read -ra fields <<<"${stat##*) }"
+        stat=$(stat_fields "$t/stat") || continue
+        # The first of them is field 3 (state); nice is field 19.
+        read -ra fields <<<"$stat"
         echo "${fields[16]}"
         return 0
     done
     echo "-"
+}
+
+# stat_fields STAT_FILE: prints the fields of a /proc/PID[/task/TID]/stat
+# file after the parenthesised thread name, the state (field 3) first. The
+# name may hold spaces and parentheses, so they start after the last ") ".
+# Fails (prints nothing) if the file is gone, as a thread's may be.
+stat_fields() {
+    local stat
+    stat=$(cat "$1" 2>/dev/null) || return 1
+    echo "${stat##*) }"
 }
