@@ -756,6 +756,7 @@ mod tests {
     /// the workers are free again, `BUSY` late.
     #[test]
     fn drivers_keep_time_while_the_main_runtime_is_busy() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         const WORKERS: usize = 2;
         const BUSY: Duration = Duration::from_millis(800);
@@ -784,18 +785,18 @@ mod tests {
             // scheduler that ran them one after another fails the test
             // instead of hanging it), then blocks for `BUSY`.
             let (started_tx, mut started_rx) = tokio::sync::mpsc::channel(WORKERS);
-            let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let running = Arc::new(AtomicUsize::new(0));
             for _ in 0..WORKERS {
                 let (tx, running) = (started_tx.clone(), running.clone());
                 tokio::spawn(async move {
-                    running.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    running.fetch_add(1, SeqCst);
                     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-                    while running.load(std::sync::atomic::Ordering::SeqCst) < WORKERS
+                    while running.load(SeqCst) < WORKERS
                         && std::time::Instant::now() < deadline
                     {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    let all = running.load(std::sync::atomic::Ordering::SeqCst) == WORKERS;
+                    let all = running.load(SeqCst) == WORKERS;
                     let _ = tx.try_send(all);
                     std::thread::sleep(BUSY);
                 });
