@@ -104,27 +104,54 @@ pub fn error(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> Server
     )
 }
 
-/// The short name of a request kind, for logs and metrics labels.
-pub fn kind_name(kind: &client_frame::Kind) -> &'static str {
+/// The short names of the request kinds, for logs and metrics labels, in
+/// [`kind_index`] order.
+pub const KIND_NAMES: [&str; 16] = [
+    "createGroup",
+    "addMembers",
+    "removeMembers",
+    "setRole",
+    "leaveGroup",
+    "openDirect",
+    "send",
+    "history",
+    "sync",
+    "markDelivered",
+    "markRead",
+    "typing",
+    "subscribePresence",
+    "react",
+    "readers",
+    "heartbeat",
+];
+
+/// A request kind's position in [`KIND_NAMES`] (for per-kind tables such as
+/// cached metric handles).
+pub fn kind_index(kind: &client_frame::Kind) -> usize {
     use client_frame::Kind::*;
     match kind {
-        CreateGroup(_) => "createGroup",
-        AddMembers(_) => "addMembers",
-        RemoveMembers(_) => "removeMembers",
-        SetRole(_) => "setRole",
-        LeaveGroup(_) => "leaveGroup",
-        OpenDirect(_) => "openDirect",
-        Send(_) => "send",
-        History(_) => "history",
-        Sync(_) => "sync",
-        MarkDelivered(_) => "markDelivered",
-        MarkRead(_) => "markRead",
-        Typing(_) => "typing",
-        SubscribePresence(_) => "subscribePresence",
-        React(_) => "react",
-        Readers(_) => "readers",
-        Heartbeat(_) => "heartbeat",
+        CreateGroup(_) => 0,
+        AddMembers(_) => 1,
+        RemoveMembers(_) => 2,
+        SetRole(_) => 3,
+        LeaveGroup(_) => 4,
+        OpenDirect(_) => 5,
+        Send(_) => 6,
+        History(_) => 7,
+        Sync(_) => 8,
+        MarkDelivered(_) => 9,
+        MarkRead(_) => 10,
+        Typing(_) => 11,
+        SubscribePresence(_) => 12,
+        React(_) => 13,
+        Readers(_) => 14,
+        Heartbeat(_) => 15,
     }
+}
+
+/// The short name of a request kind, for logs and metrics labels.
+pub fn kind_name(kind: &client_frame::Kind) -> &'static str {
+    KIND_NAMES[kind_index(kind)]
 }
 
 #[cfg(test)]

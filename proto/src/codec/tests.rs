@@ -93,3 +93,15 @@ fn server_frames_encode_in_both_encodings() {
     let e = encode_json(&error(0, v1::ErrorCode::TooLarge, "big"));
     assert!(e.contains(r#""code":"TOO_LARGE""#), "{e}");
 }
+
+#[test]
+fn kind_names_are_the_json_keys_of_their_kinds() {
+    let mut seen = std::collections::HashSet::new();
+    for (i, name) in KIND_NAMES.iter().enumerate() {
+        let f = decode_json(&format!(r#"{{"id":1,"{name}":{{}}}}"#)).expect("decodes");
+        let kind = f.kind.expect("has a kind");
+        assert_eq!(kind_index(&kind), i, "{name}");
+        assert_eq!(kind_name(&kind), *name);
+        assert!(seen.insert(std::mem::discriminant(&kind)), "{name} twice");
+    }
+}
