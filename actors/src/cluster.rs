@@ -329,8 +329,8 @@ impl Actor for Port {
             debug!(from = %from, "envelope without a kind; dropped");
             return Ok(());
         };
-        metrics::counter!("chat_cluster_envelopes_in_total").increment(1);
         let r = &state.router;
+        r.meters().envelopes_in.increment(1);
         match kind {
             kind @ (Env::GroupRequest(_)
             | Env::Presence(_)

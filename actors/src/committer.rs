@@ -33,6 +33,7 @@ use tracing::warn;
 
 use crate::error::{ChatError, ChatResult};
 use crate::group::{CommitFailure, CommitOutcome, SendRecord, Writes};
+use crate::meters::Meters;
 use crate::store::Store;
 
 /// Most jobs (group batches, last-seen writes) in one transaction.
@@ -84,9 +85,9 @@ impl std::fmt::Debug for Committer {
 
 impl Committer {
     /// Starts the stage on `store`.
-    pub fn start(store: Store) -> Committer {
+    pub fn start(store: Store, meters: Arc<Meters>) -> Committer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(store, rx, meters));
         Committer { tx }
     }
 
@@ -144,7 +145,7 @@ impl Work {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
+async fn run(store: Store, mut rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
     while let Some(first) = rx.recv().await {
         // Everything that queued while the last transaction ran goes into
         // this one, within the bounds.
@@ -156,9 +157,10 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
             jobs.push(job);
         }
         let works: Vec<Work> = jobs.iter().map(|j| j.work.clone()).collect();
-        metrics::histogram!("chat_commit_groups_per_txn")
+        meters
+            .txn_groups
             .record(works.iter().filter(|w| matches!(w, Work::Group(_))).count() as f64);
-        metrics::histogram!("chat_commit_entries_per_txn").record(entries as f64);
+        meters.txn_entries.record(entries as f64);
         // One outcome per group batch, in job order.
         let started = std::time::Instant::now();
         let result = store
@@ -173,7 +175,7 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>) {
                 Ok::<_, TxError<()>>(outcomes)
             })
             .await;
-        metrics::histogram!("chat_commit_txn_seconds").record(started.elapsed().as_secs_f64());
+        meters.txn_seconds.record(started.elapsed().as_secs_f64());
         match result {
             Ok(outcomes) => {
                 let mut outcomes = outcomes.into_iter();

@@ -630,7 +630,7 @@ impl GroupState {
             all_delivered_seq: self.receipts.delivered.min(),
             seqs: seqs.iter().map(|s| self.seq_receipt(*s, detail)).collect(),
         }));
-        metrics::counter!("chat_receipt_pushes_total").increment(1);
+        self.router.meters().receipt_pushes.increment(1);
         self.router
             .broadcast(RelayMessage::DeliverTo { users: to, push });
     }
@@ -795,7 +795,7 @@ impl GroupState {
             let _ = me.cast(GroupMessage::Committed(id, result));
         });
         if behind {
-            metrics::counter!("chat_group_pipelined_commits_total").increment(1);
+            self.router.meters().pipelined.increment(1);
         }
         self.in_flight.push_back(InFlight {
             id,
@@ -1000,8 +1000,9 @@ impl GroupState {
         for send in &writes.sends {
             self.sends.committed_send(send, !writes.record_sends);
         }
-        metrics::counter!("chat_messages_committed_total").increment(writes.log.len() as u64);
-        metrics::histogram!("chat_commit_batch_messages").record(writes.log.len() as f64);
+        let meters = self.router.meters();
+        meters.committed.increment(writes.log.len() as u64);
+        meters.commit_batch.record(writes.log.len() as f64);
         // Fan out in seq order: joins before the pushes, leaves after.
         if !added.is_empty() {
             self.router.broadcast(RelayMessage::MembersAdded {

@@ -38,6 +38,7 @@ pub mod error;
 pub mod group;
 pub mod host;
 pub mod ids;
+pub mod meters;
 pub mod outbound;
 pub mod placement;
 pub mod presence;

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::ids::{GroupId, SessionId, UserId};
+use crate::meters::Meters;
 use crate::outbound::{Outbound, SessionHandle, SharedPush};
 use crate::session::SessionMessage;
 
@@ -254,6 +255,8 @@ pub struct RelayState {
     sessions: HashMap<SessionId, (SessionHandle, Option<ActorRef<SessionMessage>>)>,
     /// Each group's seq order (see [`Order`]).
     orders: HashMap<GroupId, Order>,
+    /// The node's metric handles.
+    meters: Arc<Meters>,
 }
 
 impl RelayState {
@@ -395,7 +398,7 @@ impl RelayState {
             }
             delivered += (self.send_to_user(u, clone) * pushes.len()) as u64;
         }
-        metrics::counter!("chat_relay_deliveries_total").increment(delivered);
+        self.meters.deliveries.increment(delivered);
     }
 
     /// Drops the orders of groups with no local members and nothing held.
@@ -479,10 +482,12 @@ impl RelayState {
 pub struct Relay;
 
 /// How often the relay ticks its sessions (a third of the presence TTL).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RelayArgs {
     /// The tick period.
     pub tick: std::time::Duration,
+    /// The node's metric handles.
+    pub meters: Arc<Meters>,
 }
 
 impl Actor for Relay {
@@ -496,7 +501,10 @@ impl Actor for Relay {
         args: RelayArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(args.tick, || RelayMessage::Tick);
-        Ok(RelayState::default())
+        Ok(RelayState {
+            meters: args.meters,
+            ..RelayState::default()
+        })
     }
 
     async fn handle(
@@ -557,7 +565,7 @@ impl Actor for Relay {
                 for u in &users {
                     delivered += state.push_to_user(u, &push) as u64;
                 }
-                metrics::counter!("chat_relay_deliveries_total").increment(delivered);
+                state.meters.deliveries.increment(delivered);
             }
             RelayMessage::DeliverToSessions { sessions, push } => {
                 let mut delivered = 0u64;
@@ -568,7 +576,7 @@ impl Actor for Relay {
                         delivered += 1;
                     }
                 }
-                metrics::counter!("chat_relay_deliveries_total").increment(delivered);
+                state.meters.deliveries.increment(delivered);
             }
             RelayMessage::CloseAll { push, code } => {
                 for local in state.users.values() {

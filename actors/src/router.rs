@@ -28,6 +28,7 @@ use crate::error::{ChatError, ChatResult};
 use crate::group::{GroupMessage, GroupOp};
 use crate::host::{Entity, Host, HostMessage, HostStats, Registries};
 use crate::ids::{GroupId, SessionId, UserId};
+use crate::meters::Meters;
 use crate::outbound::SharedPush;
 use crate::outbound::{RemoteReplier, ReplyTo};
 use crate::placement;
@@ -50,6 +51,7 @@ struct Inner {
     node: String,
     store: Store,
     committer: Committer,
+    meters: Arc<Meters>,
     config: ActorConfig,
     registries: Arc<Registries>,
     host: ActorRef<HostMessage>,
@@ -91,7 +93,12 @@ impl Router {
     ) -> Result<Router, String> {
         config.validate()?;
         let tick = (config.tuning.presence_ttl / 3).max(std::time::Duration::from_millis(100));
-        let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, RelayArgs { tick })
+        let meters = Arc::new(Meters::resolve());
+        let args = RelayArgs {
+            tick,
+            meters: meters.clone(),
+        };
+        let (relay, _) = Actor::spawn(Some(format!("{node}.relay")), Relay, args)
             .await
             .map_err(|e| format!("starting relay: {e}"))?;
         let registries = Arc::new(Registries::default());
@@ -101,7 +108,8 @@ impl Router {
         let router = Router {
             inner: Arc::new(Inner {
                 node: node.to_string(),
-                committer: Committer::start(store.clone()),
+                committer: Committer::start(store.clone(), meters.clone()),
+                meters,
                 store,
                 config,
                 registries,
@@ -232,7 +240,7 @@ impl Router {
             kind: Some(kind),
         };
         let port: ActorRef<Wire> = cell.into();
-        metrics::counter!("chat_cluster_envelopes_out_total").increment(1);
+        self.inner.meters.envelopes_out.increment(1);
         port.cast(Wire(env.encode_to_vec())).is_ok()
     }
 
@@ -286,7 +294,7 @@ impl Router {
                 kind: Some(req),
             }),
         });
-        metrics::counter!("chat_cluster_forwarded_requests_total").increment(1);
+        self.inner.meters.forwarded.increment(1);
         if !self.send_to_node(&owner, env) && token != 0 {
             self.inner.pending.complete(
                 token,
@@ -383,6 +391,11 @@ impl Router {
     /// The node's commit stage.
     pub fn committer(&self) -> &Committer {
         &self.inner.committer
+    }
+
+    /// The node's metric handles (see [`crate::meters`]).
+    pub fn meters(&self) -> &Meters {
+        &self.inner.meters
     }
 
     /// The configuration.
@@ -630,7 +643,7 @@ impl Router {
             let envs = relay_envelopes(&msg);
             for peer in peers.iter() {
                 for env in &envs {
-                    metrics::counter!("chat_fanout_remote_sends_total").increment(1);
+                    self.inner.meters.remote_sends.increment(1);
                     self.send_to_node(peer, env.clone());
                 }
             }

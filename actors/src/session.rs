@@ -195,8 +195,7 @@ impl Actor for Session {
             reply.fail(ChatError::RateLimited);
             return Ok(());
         }
-        metrics::counter!("chat_requests_total", "kind" => proto::codec::kind_name(&kind))
-            .increment(1);
+        state.router.meters().requests(&kind).increment(1);
         Box::pin(state.request(kind, reply)).await;
         Ok(())
     }

@@ -57,7 +57,11 @@ fn user(name: &str) -> UserId {
     UserId::parse(name).expect("valid user id")
 }
 
+/// A router on `store`, started after the recorder: it resolves its metric
+/// handles when it starts (`actors::meters`), and handles resolved before
+/// any recorder is installed count nothing.
 async fn router(name: &str, store: &Store) -> Router {
+    metrics();
     Router::start(name, store.clone(), ActorConfig::default())
         .await
         .expect("router")

@@ -12,7 +12,7 @@
 //!
 //! What it must not do: run requests itself, or buffer without bound.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use actors::outbound::{
@@ -22,6 +22,7 @@ use actors::session::{Session, SessionArgs, SessionMessage};
 use actors::{ChatError, Router, UserId};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use metrics::Counter;
 use proto::Encoding;
 use proto::codec;
 use ractor::{Actor, ActorRef};
@@ -39,6 +40,12 @@ use crate::edge;
 const MAX_BATCH: usize = 256;
 /// How long queued frames may take to drain before a requested close.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+// Per-frame counters, looked up in the recorder once instead of at every
+// frame (see `actors::meters`). Resolved at the first frame, after `main`
+// installed the recorder: no connection exists before that.
+static FRAMES_IN: LazyLock<Counter> = LazyLock::new(|| metrics::counter!("chat_frames_in_total"));
+static FRAMES_OUT: LazyLock<Counter> = LazyLock::new(|| metrics::counter!("chat_frames_out_total"));
 
 /// Per-connection settings.
 #[derive(Debug, Clone, Copy)]
@@ -221,7 +228,7 @@ impl Connection {
             };
             n += self.feed(sink, item).await?;
         }
-        metrics::counter!("chat_frames_out_total").increment(n as u64);
+        FRAMES_OUT.increment(n as u64);
         sink.flush().await
     }
 
@@ -263,7 +270,7 @@ impl Connection {
             // Pings are answered by tungstenite; pongs and raw frames are ignored.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return None,
         };
-        metrics::counter!("chat_frames_in_total").increment(1);
+        FRAMES_IN.increment(1);
         if !self.fixed {
             self.encoding = encoding;
         }

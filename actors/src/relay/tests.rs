@@ -256,6 +256,7 @@ impl Actor for Inert {
 async fn the_relay_actor_releases_held_pushes_by_itself() {
     let args = RelayArgs {
         tick: Duration::from_secs(3600),
+        meters: Default::default(),
     };
     let (relay, relay_task) = Actor::spawn(None, Relay, args).await.expect("relay");
     let (session_actor, session_task) = Actor::spawn(None, Inert, ()).await.expect("session");
