@@ -16,7 +16,7 @@
 //! must not hold anything but handles.
 
 use metrics::{Counter, Histogram, counter, histogram};
-use proto::codec::KIND_NAMES;
+use proto::codec::{KIND_NAMES, kind_index};
 use proto::v1::client_frame;
 
 /// The shared handles (see the module doc).
@@ -72,7 +72,7 @@ impl Meters {
 
     /// `chat_requests_total` for requests of `kind`.
     pub fn requests(&self, kind: &client_frame::Kind) -> &Counter {
-        &self.requests[proto::codec::kind_index(kind)]
+        &self.requests[kind_index(kind)]
     }
 }
 

@@ -104,7 +104,7 @@ pub fn error(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> Server
     )
 }
 
-/// The short names of the request kinds, for logs and metrics labels, in
+/// The short names of the request kinds (their JSON keys), for metrics labels, in
 /// [`kind_index`] order.
 pub const KIND_NAMES: [&str; 16] = [
     "createGroup",
@@ -147,11 +147,6 @@ pub fn kind_index(kind: &client_frame::Kind) -> usize {
         Readers(_) => 14,
         Heartbeat(_) => 15,
     }
-}
-
-/// The short name of a request kind, for logs and metrics labels.
-pub fn kind_name(kind: &client_frame::Kind) -> &'static str {
-    KIND_NAMES[kind_index(kind)]
 }
 
 #[cfg(test)]

@@ -101,7 +101,6 @@ fn kind_names_are_the_json_keys_of_their_kinds() {
         let f = decode_json(&format!(r#"{{"id":1,"{name}":{{}}}}"#)).expect("decodes");
         let kind = f.kind.expect("has a kind");
         assert_eq!(kind_index(&kind), i, "{name}");
-        assert_eq!(kind_name(&kind), *name);
         assert!(seen.insert(std::mem::discriminant(&kind)), "{name} twice");
     }
 }
