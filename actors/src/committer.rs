@@ -25,6 +25,7 @@
 //! group's writes, or reply before the transaction committed.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use storage::model::Model;
 use storage::{TxError, Txn};
@@ -162,9 +163,12 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
             .record(works.iter().filter(|w| matches!(w, Work::Group(_))).count() as f64);
         meters.txn_entries.record(entries as f64);
         // One outcome per group batch, in job order.
-        let started = std::time::Instant::now();
+        let started = Instant::now();
+        // When the first attempt began (the engine's write lock held).
+        let mut began = None;
         let result = store
             .write_with(move |t, m| {
+                let began = *began.get_or_insert_with(Instant::now);
                 let mut outcomes = Vec::new();
                 for w in &works {
                     match w {
@@ -172,12 +176,13 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
                         Work::LastSeen(user, ms) => m.set_last_seen(t, user, *ms)?,
                     }
                 }
-                Ok::<_, TxError<()>>(outcomes)
+                Ok::<_, TxError<()>>((outcomes, began))
             })
             .await;
         meters.txn_seconds.record(started.elapsed().as_secs_f64());
         match result {
-            Ok(outcomes) => {
+            Ok((outcomes, began)) => {
+                meters.txn_wait.record((began - started).as_secs_f64());
                 let mut outcomes = outcomes.into_iter();
                 for job in jobs {
                     match job.reply {

@@ -39,6 +39,8 @@ pub struct Meters {
     pub txn_entries: Histogram,
     /// `chat_commit_txn_seconds`.
     pub txn_seconds: Histogram,
+    /// `chat_commit_wait_seconds`.
+    pub txn_wait: Histogram,
     /// `chat_cluster_envelopes_out_total`.
     pub envelopes_out: Counter,
     /// `chat_cluster_envelopes_in_total`.
@@ -63,6 +65,7 @@ impl Meters {
             txn_groups: histogram!("chat_commit_groups_per_txn"),
             txn_entries: histogram!("chat_commit_entries_per_txn"),
             txn_seconds: histogram!("chat_commit_txn_seconds"),
+            txn_wait: histogram!("chat_commit_wait_seconds"),
             envelopes_out: counter!("chat_cluster_envelopes_out_total"),
             envelopes_in: counter!("chat_cluster_envelopes_in_total"),
             forwarded: counter!("chat_cluster_forwarded_requests_total"),

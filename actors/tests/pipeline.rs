@@ -120,6 +120,7 @@ async fn pipelined_commits_keep_order_membership_and_pointers() {
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let group = create(&node, &alice, &["bob"]).await;
     let pipelined_before = counter("chat_group_pipelined_commits_total");
+    let waits_before = counter("chat_commit_wait_seconds_count");
 
     // 4,000 sends queued at once. Bob's come first: one batch of one send
     // (planned at once), one of the next PIPELINE_MIN_REQUESTS planned
@@ -223,6 +224,13 @@ async fn pipelined_commits_keep_order_membership_and_pointers() {
     assert!(
         counter("chat_group_pipelined_commits_total") > pipelined_before,
         "no batch was planned behind another: the test did not test pipelining"
+    );
+    // Every committed transaction says how long it waited for the writer
+    // (the tests of this binary share the recorder: only growth is ours).
+    assert!(counter("chat_commit_wait_seconds_count") > waits_before);
+    assert!(
+        counter("chat_commit_wait_seconds_count") <= counter("chat_commit_txn_seconds_count"),
+        "a wait without its transaction"
     );
 }
 

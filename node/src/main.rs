@@ -218,6 +218,13 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time of one commit-stage transaction, fsync included."
     );
+    describe_histogram!(
+        "chat_commit_wait_seconds",
+        Unit::Seconds,
+        "Time a commit-stage transaction waited before its first statement: the storage \
+         write lane's queue and the engine's write lock (another process's writer, a \
+         checkpoint that restarts the WAL)."
+    );
     describe_counter!(
         "chat_group_pipelined_commits_total",
         "Group commits planned while another of the group's was in storage."

@@ -5,8 +5,10 @@
 //! round-robin over `groups` groups. `sent` is the server's word that the
 //! message is committed (with `storage.sync = "full"`: fsynced). The node's
 //! `/metrics` before and after give the commit batch sizes
-//! (`chat_commit_batch_messages`) and a cross-check of the count
-//! (`chat_messages_committed_total`).
+//! (`chat_commit_batch_messages`), a cross-check of the count
+//! (`chat_messages_committed_total`), and in the JSON the commit stage's
+//! transactions: groups in each, time, and the part of it spent waiting
+//! for the storage writer (`chat_commit_wait_seconds`).
 //!
 //! Each group has one offline member besides its creator, and senders are
 //! their groups' only online members, so fan-out costs one push per message.
@@ -27,8 +29,8 @@ use crate::net::{Conn, Target, connect_many};
 use crate::plan::user_id;
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least};
 use crate::stats::{
-    CpuMeter, MAX_LATENCY_US, MachineMeter, NodesCpu, Recorder, Summary, http_get, metric,
-    now_nanos, summary_quantiles, tag,
+    CpuMeter, MAX_LATENCY_US, MachineMeter, NodesCpu, Recorder, Summary, http_get, mean_between,
+    metric, now_nanos, summary_quantiles, tag,
 };
 
 /// Parameters.
@@ -234,12 +236,14 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
     let msgs_per_sec = acked_in_window as f64 / p.secs;
     let d = |name: &str| Some(metric(&after, name)? - metric(&before, name).unwrap_or(0.0));
     let committed = d("chat_messages_committed_total");
-    let batch_sum = d("chat_commit_batch_messages_sum");
     let batch_count = d("chat_commit_batch_messages_count");
-    let mean_batch = match (batch_sum, batch_count) {
-        (Some(s), Some(c)) if c > 0.0 => Some(s / c),
-        _ => None,
-    };
+    let mean = |name| mean_between(&before, &after, name);
+    let mean_batch = mean("chat_commit_batch_messages");
+    // What one commit-stage transaction held and took, and how much of
+    // that it waited for the storage writer before it began.
+    let mean_txn_groups = mean("chat_commit_groups_per_txn");
+    let mean_txn_ms = mean("chat_commit_txn_seconds").map(|s| s * 1e3);
+    let mean_wait_ms = mean("chat_commit_wait_seconds").map(|s| s * 1e3);
     let quantiles = summary_quantiles(&after, "chat_commit_batch_messages");
     let q = |name: &str| {
         quantiles
@@ -304,6 +308,10 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
             "committed_delta": committed,
             "commit_batches_delta": batch_count,
             "mean_commit_batch": mean_batch,
+            "commit_txns_delta": d("chat_commit_txn_seconds_count"),
+            "mean_groups_per_txn": mean_txn_groups,
+            "mean_commit_txn_ms": mean_txn_ms,
+            "mean_commit_wait_ms": mean_wait_ms,
             "commit_batch_quantiles_since_start": quantiles,
             "node_cpu_percent": node_cpu,
             "loadgen_cpu_percent": self_cpu,

@@ -451,6 +451,18 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// The mean of the samples a summary or histogram `name` took between two
+/// scrapes: Δ`name_sum` ÷ Δ`name_count`. `None` when either scrape lacks
+/// them or no sample was taken in between.
+pub fn mean_between(before: &str, after: &str, name: &str) -> Option<f64> {
+    let delta = |part: &str| {
+        let key = format!("{name}_{part}");
+        Some(metric(after, &key)? - metric(before, &key).unwrap_or(0.0))
+    };
+    let (sum, count) = (delta("sum")?, delta("count")?);
+    (count > 0.0).then(|| sum / count)
+}
+
 /// The quantile lines of a Prometheus summary `name`: `(quantile, value)`.
 pub fn summary_quantiles(text: &str, name: &str) -> Vec<(String, f64)> {
     let prefix = format!("{name}{{quantile=\"");
@@ -613,6 +625,20 @@ mod tests {
             Some(300.0)
         );
         assert_eq!(metric(text, "chat_missing"), None);
+        let later = "chat_commit_batch_messages_sum 9600\n\
+            chat_commit_batch_messages_count 340\n";
+        // (9600 - 9000) / (340 - 300): the window's samples only.
+        assert_eq!(
+            mean_between(text, later, "chat_commit_batch_messages"),
+            Some(15.0)
+        );
+        // A node started in between: everything it has counts.
+        assert_eq!(
+            mean_between("", later, "chat_commit_batch_messages"),
+            Some(9600.0 / 340.0)
+        );
+        assert_eq!(mean_between(text, text, "chat_commit_batch_messages"), None);
+        assert_eq!(mean_between(text, later, "chat_missing"), None);
         assert_eq!(
             summary_quantiles(text, "chat_commit_batch_messages"),
             vec![("0.5".to_string(), 12.0), ("0.99".to_string(), 480.5)]
