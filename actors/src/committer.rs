@@ -164,7 +164,8 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
         meters.txn_entries.record(entries as f64);
         // One outcome per group batch, in job order.
         let started = Instant::now();
-        // When the first attempt began (the engine's write lock held).
+        // When the first attempt's statements began: after the engine's
+        // BEGIN, which with SQLite takes the write lock.
         let mut began = None;
         let result = store
             .write_with(move |t, m| {

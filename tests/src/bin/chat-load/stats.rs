@@ -452,8 +452,9 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 /// The mean of the samples a summary or histogram `name` took between two
-/// scrapes: Δ`name_sum` ÷ Δ`name_count`. `None` when either scrape lacks
-/// them or no sample was taken in between.
+/// scrapes: Δ`name_sum` ÷ Δ`name_count`. `None` when the later scrape
+/// lacks them or no sample was taken in between; an earlier scrape
+/// without them counts as zero (the node started in between).
 pub fn mean_between(before: &str, after: &str, name: &str) -> Option<f64> {
     let delta = |part: &str| {
         let key = format!("{name}_{part}");
