@@ -29,8 +29,8 @@ use crate::net::{Conn, Target, connect_many};
 use crate::plan::user_id;
 use crate::report::{ResultFile, Row, pct, rate, thousands, verdict_at_least};
 use crate::stats::{
-    CpuMeter, MAX_LATENCY_US, MachineMeter, NodesCpu, Recorder, Summary, http_get, mean_between,
-    metric, now_nanos, summary_quantiles, tag,
+    CpuMeter, MAX_LATENCY_US, MachineMeter, NodesCpu, Recorder, Summary, delta_between, http_get,
+    mean_between, now_nanos, summary_quantiles, tag,
 };
 
 /// Parameters.
@@ -234,7 +234,7 @@ pub async fn run(target: &Target, node_pids: &[u32], p: &Params) -> Result<Resul
     }
     let ack = Summary::of(&hist);
     let msgs_per_sec = acked_in_window as f64 / p.secs;
-    let d = |name: &str| Some(metric(&after, name)? - metric(&before, name).unwrap_or(0.0));
+    let d = |name| delta_between(&before, &after, name);
     let committed = d("chat_messages_committed_total");
     let batch_count = d("chat_commit_batch_messages_count");
     let mean = |name| mean_between(&before, &after, name);

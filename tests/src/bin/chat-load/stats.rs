@@ -451,15 +451,18 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// How much the sample `name` grew between two scrapes. `None` when the
+/// later scrape lacks it; an earlier scrape without it counts as zero (the
+/// node started in between).
+pub fn delta_between(before: &str, after: &str, name: &str) -> Option<f64> {
+    Some(metric(after, name)? - metric(before, name).unwrap_or(0.0))
+}
+
 /// The mean of the samples a summary or histogram `name` took between two
-/// scrapes: Δ`name_sum` ÷ Δ`name_count`. `None` when the later scrape
-/// lacks them or no sample was taken in between; an earlier scrape
-/// without them counts as zero (the node started in between).
+/// scrapes: Δ`name_sum` ÷ Δ`name_count` (see [`delta_between`]). `None`
+/// also when no sample was taken in between.
 pub fn mean_between(before: &str, after: &str, name: &str) -> Option<f64> {
-    let delta = |part: &str| {
-        let key = format!("{name}_{part}");
-        Some(metric(after, &key)? - metric(before, &key).unwrap_or(0.0))
-    };
+    let delta = |part: &str| delta_between(before, after, &format!("{name}_{part}"));
     let (sum, count) = (delta("sum")?, delta("count")?);
     (count > 0.0).then(|| sum / count)
 }
@@ -628,6 +631,10 @@ mod tests {
         assert_eq!(metric(text, "chat_missing"), None);
         let later = "chat_commit_batch_messages_sum 9600\n\
             chat_commit_batch_messages_count 340\n";
+        assert_eq!(
+            delta_between(text, later, "chat_commit_batch_messages_count"),
+            Some(40.0)
+        );
         // (9600 - 9000) / (340 - 300): the window's samples only.
         assert_eq!(
             mean_between(text, later, "chat_commit_batch_messages"),
