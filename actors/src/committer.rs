@@ -363,9 +363,7 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
     for (u, rec) in &w.updates {
         m.update_member(t, gid, u, rec)?;
     }
-    for (seq, body) in &w.log {
-        m.put_log(t, gid, *seq, body)?;
-    }
+    m.put_log_batch(t, gid, &w.log)?;
     for (parent, seq) in &w.threads {
         m.put_thread(t, gid, *parent, *seq)?;
     }

@@ -19,6 +19,7 @@
 //! | `(g, gid, epoch)` | u64 big-endian: the current owner's epoch |
 //! | `(g, gid, indexed)` | u64 big-endian: every send with a seq up to it has its dedupe record |
 //! | `(g, gid, log, seq)` | message body |
+//! | `(g, gid, log, last, first)` | the bodies of seqs `first..=last`, each after its length (a run) |
 //! | `(g, gid, mem, uid)` | [`MemberRecord`] |
 //! | `(g, gid, dedupe, uid, client_msg_id)` | [`DedupeRecord`] |
 //! | `(g, gid, thread, parent_seq, seq)` | empty: thread index |
@@ -26,6 +27,9 @@
 //! | `(u, uid, groups, gid)` | [`UserGroupRecord`]: the user's group index |
 //! | `(u, uid, seen)` | u64 big-endian: last-seen time (ms) |
 //!
+//! A commit writes its batch's entries as runs of consecutive seqs, one
+//! key for up to [`LOG_RUN_BYTES`] of bodies, and an entry alone in its
+//! run under its own key (decisions #38); readers take either kind.
 //! A group's head (its last seq) is its last log key, not a record of its
 //! own (decisions #30). Files written before hold a `(g, gid, head)`
 //! record per group, which nothing reads any more.
@@ -184,13 +188,6 @@ impl Model {
         &key[self.prefix.len().min(key.len())..]
     }
 
-    /// The seq of a log entry's key `(g, gid, log, seq)`.
-    fn log_seq(&self, key: &[u8]) -> Result<u64, Error> {
-        let (_, _, _, seq): (String, String, String, u64) =
-            unpack(self.suffix(key)).map_err(|e| corrupt(key, e))?;
-        Ok(seq)
-    }
-
     // ----- records -------------------------------------------------------
 
     fn get_record<M: prost::Message + Default>(
@@ -229,8 +226,8 @@ impl Model {
         t.set(&self.key(&("g", gid, "meta")), &meta.encode_to_vec())
     }
 
-    /// The group's last sequence number: the seq of its log's last entry (0
-    /// for an empty log). Every seq is a log entry and none is ever
+    /// The group's last sequence number: the last seq of its log's last
+    /// key (0 for an empty log). Every seq is a log entry and none is ever
     /// removed, so there is no head record to keep in step (decisions #30):
     /// a commit writes its entries and nothing else moves. Reads one key,
     /// not its value. As a fence it conflicts with any commit that appends
@@ -239,7 +236,7 @@ impl Model {
         let (begin, end) = self.range(&("g", gid, "log"));
         match t.last_key(&begin, &end)? {
             None => Ok(0),
-            Some(k) => self.log_seq(&k),
+            Some(k) => Ok(log_span(&begin, &k)?.1),
         }
     }
 
@@ -262,10 +259,56 @@ impl Model {
     }
 
     // ----- log -----------------------------------------------------------
+    //
+    // A log key holds one entry, `(g, gid, log, seq)`, or a run of
+    // consecutive entries, `(g, gid, log, last, first)` with `first < last`
+    // (decisions #38). Keys of both kinds sort by their last seq, and runs
+    // never overlap, so the log's keys are in seq order whatever mix a file
+    // holds.
 
     /// Writes one log entry.
     pub fn put_log(&self, t: &mut dyn Txn, gid: &str, seq: u64, body: &[u8]) -> Result<(), Error> {
         t.set(&self.key(&("g", gid, "log", seq)), body)
+    }
+
+    /// Writes a batch of entries `(seq, body)` in increasing seq, as runs
+    /// of consecutive seqs of up to [`LOG_RUN_BYTES`] each: one key for
+    /// what would be several. An entry alone in its run (a batch of one,
+    /// an entry too long to share, a gap in the seqs) is written as by
+    /// [`Model::put_log`].
+    pub fn put_log_batch(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<(), Error> {
+        let mut rest = entries;
+        while let Some(((first, body), _)) = rest.split_first() {
+            let mut bytes = run_entry_len(body);
+            let mut n = 1;
+            while let Some((seq, next)) = rest.get(n)
+                && first.checked_add(n as u64) == Some(*seq)
+                && bytes + run_entry_len(next) <= LOG_RUN_BYTES
+            {
+                bytes += run_entry_len(next);
+                n += 1;
+            }
+            let (run, after) = rest.split_at(n);
+            rest = after;
+            if n == 1 {
+                self.put_log(t, gid, *first, body)?;
+                continue;
+            }
+            let mut value = Vec::with_capacity(bytes);
+            for (_, body) in run {
+                prost::encoding::encode_varint(body.len() as u64, &mut value);
+                value.extend_from_slice(body);
+            }
+            // The run holds n > 1 entries, of consecutive seqs from `first`.
+            let last = run[n - 1].0;
+            t.set(&self.key(&("g", gid, "log", last, *first)), &value)?;
+        }
+        Ok(())
     }
 
     /// One log entry.
@@ -275,7 +318,14 @@ impl Model {
         gid: &str,
         seq: u64,
     ) -> Result<Option<Vec<u8>>, Error> {
-        t.get(&self.key(&("g", gid, "log", seq)))
+        let scan = Scan {
+            lo: seq,
+            hi: seq.saturating_add(1),
+            reverse: false,
+            want: 1,
+        };
+        let found = self.log_scan(t, gid, scan)?;
+        Ok(found.into_iter().next().map(|(_, body)| body))
     }
 
     /// Reads a page of the log; entries come back in increasing seq.
@@ -286,30 +336,80 @@ impl Model {
         query: LogQuery,
         limit: usize,
     ) -> Result<LogPage, Error> {
-        let (all_begin, all_end) = self.range(&("g", gid, "log"));
-        let at = |seq: u64| self.key(&("g", gid, "log", seq));
-        let (begin, end, reverse) = match query {
-            LogQuery::Latest => (all_begin, all_end, true),
-            LogQuery::After(s) => (at(s.saturating_add(1)), all_end, false),
-            LogQuery::Before(s) => (all_begin, at(s), true),
-            LogQuery::Between(a, b) => (at(a.saturating_add(1)), at(b), false),
+        let (lo, hi, reverse) = match query {
+            LogQuery::Latest => (0, u64::MAX, true),
+            LogQuery::After(s) => (s.saturating_add(1), u64::MAX, false),
+            LogQuery::Before(s) => (0, s, true),
+            LogQuery::Between(a, b) => (a.saturating_add(1), b, false),
         };
         // Read one more than asked to learn whether there is more.
-        let opts = RangeOpts {
-            limit: limit + 1,
+        let scan = Scan {
+            lo,
+            hi,
             reverse,
+            want: limit + 1,
         };
-        let mut pairs = t.get_range(&begin, &end, opts)?;
-        let has_more = pairs.len() > limit;
-        pairs.truncate(limit);
+        let mut entries = self.log_scan(t, gid, scan)?;
+        let has_more = entries.len() > limit;
+        entries.truncate(limit);
         if reverse {
-            pairs.reverse();
-        }
-        let mut entries = Vec::with_capacity(pairs.len());
-        for (k, v) in pairs {
-            entries.push((self.log_seq(&k)?, v));
+            entries.reverse();
         }
         Ok(LogPage { entries, has_more })
+    }
+
+    /// Up to `scan.want` entries with `scan.lo <= seq < scan.hi`: the
+    /// lowest first, or with `scan.reverse` the highest first. Reads keys a
+    /// few at a time (at most 4, then twice as many each round, up to 64),
+    /// since a key may hold one entry or many.
+    fn log_scan(
+        &self,
+        t: &mut dyn Txn,
+        gid: &str,
+        scan: Scan,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        if scan.lo >= scan.hi || scan.want == 0 {
+            return Ok(out);
+        }
+        let (log, log_end) = self.range(&("g", gid, "log"));
+        let at = |seq: u64| self.key(&("g", gid, "log", seq));
+        // Forward: from the first key whose last seq is >= lo. Reverse:
+        // the keys whose last seq is < hi, newest first, after the one key
+        // that may hold seqs on both sides of hi (the first at or past it).
+        let (mut begin, mut end) = if scan.reverse {
+            for (k, v) in t.get_range(&at(scan.hi), &log_end, RangeOpts::forward(1))? {
+                scan.take(&log, &k, v, &mut out)?;
+            }
+            (at(scan.lo), at(scan.hi))
+        } else {
+            (at(scan.lo), log_end)
+        };
+        let mut step = scan.want.min(4);
+        while out.len() < scan.want {
+            let opts = RangeOpts {
+                limit: step,
+                reverse: scan.reverse,
+            };
+            let pairs = t.get_range(&begin, &end, opts)?;
+            let (read, last_key) = (pairs.len(), pairs.last().map(|(k, _)| k.clone()));
+            for (k, v) in pairs {
+                if !scan.take(&log, &k, v, &mut out)? {
+                    return Ok(out);
+                }
+            }
+            let Some(k) = last_key.filter(|_| read == step) else {
+                break;
+            };
+            if scan.reverse {
+                end = k;
+            } else {
+                begin = k;
+                begin.push(0);
+            }
+            step = (step * 2).min(64);
+        }
+        Ok(out)
     }
 
     // ----- members -------------------------------------------------------
@@ -616,6 +716,102 @@ impl Model {
     pub fn set_last_seen(&self, t: &mut dyn Txn, uid: &str, ms: u64) -> Result<(), Error> {
         t.set(&self.key(&("u", uid, "seen")), &be(ms))
     }
+}
+
+/// Longest run value [`Model::put_log_batch`] writes: each entry's bytes
+/// and its length prefix. It fits one SQLite table-leaf cell of a 4 KiB
+/// page (at most 4,061 bytes) and is far below FoundationDB's 100 kB
+/// value limit, and a lookup of one entry decodes at most this much.
+pub const LOG_RUN_BYTES: usize = 3_900;
+
+/// An entry's bytes in a run: its length prefix and its body.
+fn run_entry_len(body: &[u8]) -> usize {
+    prost::encoding::encoded_len_varint(body.len() as u64) + body.len()
+}
+
+/// `(first, last)` seqs of the log key `key`, whose group's log prefix is
+/// `log`: `(seq, seq)` for an entry's key, `(first, last)` for a run's.
+fn log_span(log: &[u8], key: &[u8]) -> Result<(u64, u64), Error> {
+    let Some(rest) = key.strip_prefix(log) else {
+        return Err(corrupt(key, "not a key of this log"));
+    };
+    if let Ok(seq) = unpack::<u64>(rest) {
+        return Ok((seq, seq));
+    }
+    match unpack::<(u64, u64)>(rest) {
+        Ok((last, first)) if first < last => Ok((first, last)),
+        Ok(_) => Err(corrupt(key, "a run that does not end after it starts")),
+        Err(e) => Err(corrupt(key, e)),
+    }
+}
+
+/// What [`Model::log_scan`] reads: up to `want` entries with
+/// `lo <= seq < hi`, the lowest first, or the highest with `reverse`.
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    lo: u64,
+    hi: u64,
+    reverse: bool,
+    want: usize,
+}
+
+impl Scan {
+    /// Appends to `out` the entries of the log pair `(key, value)` that the
+    /// scan wants, in its direction, until `out` has `want`; `log` is the
+    /// group's log prefix. Returns whether a later pair in the same
+    /// direction could still hold one.
+    fn take(
+        &self,
+        log: &[u8],
+        key: &[u8],
+        value: Vec<u8>,
+        out: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<bool, Error> {
+        let (first, last) = log_span(log, key)?;
+        let entries = if first == last {
+            vec![(first, value)]
+        } else {
+            split_run(key, &value, first, last)?
+        };
+        let mut take = |e: (u64, Vec<u8>)| {
+            if (self.lo..self.hi).contains(&e.0) && out.len() < self.want {
+                out.push(e);
+            }
+        };
+        if self.reverse {
+            entries.into_iter().rev().for_each(&mut take);
+            Ok(first > self.lo && out.len() < self.want)
+        } else {
+            entries.into_iter().for_each(&mut take);
+            Ok(last < self.hi.saturating_sub(1) && out.len() < self.want)
+        }
+    }
+}
+
+/// The entries of a run's value: `last - first + 1` length-prefixed bodies.
+fn split_run(
+    key: &[u8],
+    value: &[u8],
+    first: u64,
+    last: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+    let mut buf = value;
+    let mut entries = Vec::new();
+    for seq in first..=last {
+        let len = prost::encoding::decode_varint(&mut buf).map_err(|e| corrupt(key, e))?;
+        let Some((body, rest)) = usize::try_from(len)
+            .ok()
+            .and_then(|n| buf.split_at_checked(n))
+        else {
+            return Err(corrupt(key, "a run's entry is cut short"));
+        };
+        entries.push((seq, body.to_vec()));
+        buf = rest;
+    }
+    if !buf.is_empty() {
+        return Err(corrupt(key, "a run holds more entries than its key says"));
+    }
+    Ok(entries)
 }
 
 fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Error {

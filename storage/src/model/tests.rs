@@ -96,6 +96,125 @@ fn log_pages_in_every_direction() {
     assert_eq!(get(&kv, |t| Ok(m.head(t, "g2")?)), 1_000_000);
 }
 
+/// Every page and lookup of a log written as runs of entries (with the
+/// single entries runs cannot take: one alone in its batch, one too long to
+/// share, one after a gap) matches the same log read entry by entry.
+#[test]
+fn runs_read_back_as_the_entries_they_hold() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    let body = |seq: u64| -> Vec<u8> {
+        let len = if seq % 50 == 7 {
+            LOG_RUN_BYTES
+        } else {
+            (seq % 13) as usize * 40
+        };
+        format!("m{seq}:")
+            .into_bytes()
+            .into_iter()
+            .chain(std::iter::repeat_n(b'.', len))
+            .collect()
+    };
+    // Batches of 1 to 40 entries; seq 150 is never written (a gap).
+    let mut all = std::collections::BTreeMap::new();
+    let mut seq = 1u64;
+    let mut size = 1u64;
+    while seq <= 300 {
+        let batch: Vec<(u64, Vec<u8>)> = (seq..seq + size)
+            .filter(|s| *s != 150 && *s <= 300)
+            .map(|s| (s, body(s)))
+            .collect();
+        write(&kv, |t| Ok(m.put_log_batch(t, "g", &batch)?));
+        all.extend(batch);
+        seq += size;
+        size = size % 40 + 7;
+    }
+    write(&kv, |t| {
+        Ok(m.put_log_batch(t, "h", &[(1, b"x".to_vec()), (2, b"y".to_vec())])?)
+    });
+    let (begin, end) = m.range(&("g", "g", "log"));
+    let keys = get(&kv, |t| {
+        Ok(t.get_range(&begin, &end, RangeOpts::forward(0))?)
+    })
+    .len();
+    assert!(
+        keys < all.len() / 4,
+        "{keys} keys for {} entries",
+        all.len()
+    );
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "g")?)), 300);
+    assert_eq!(get(&kv, |t| Ok(m.head(t, "h")?)), 2);
+    for s in 0..=302u64 {
+        let got = get(&kv, |t| Ok(m.log_entry(t, "g", s)?));
+        assert_eq!(got.as_ref(), all.get(&s), "entry {s}");
+    }
+    let entries = |lo: u64, hi: u64| all.range(lo..hi).map(|(s, b)| (*s, b.clone()));
+    for limit in [1usize, 2, 5, 17, 51, 400] {
+        for at in [0u64, 1, 2, 8, 9, 40, 149, 150, 151, 299, 300, 301] {
+            let page = |q| get(&kv, |t| Ok(m.log_page(t, "g", q, limit)?));
+            let mut want: Vec<_> = entries(0, at).rev().take(limit + 1).collect();
+            let more = want.len() > limit;
+            want.truncate(limit);
+            want.reverse();
+            let p = page(LogQuery::Before(at));
+            assert_eq!(
+                (&p.entries, p.has_more),
+                (&want, more),
+                "before {at}, {limit}"
+            );
+            let mut want: Vec<_> = entries(at + 1, u64::MAX).take(limit + 1).collect();
+            let more = want.len() > limit;
+            want.truncate(limit);
+            let p = page(LogQuery::After(at));
+            assert_eq!(
+                (&p.entries, p.has_more),
+                (&want, more),
+                "after {at}, {limit}"
+            );
+            let mut want: Vec<_> = entries(at + 1, at + 30).take(limit + 1).collect();
+            let more = want.len() > limit;
+            want.truncate(limit);
+            let p = page(LogQuery::Between(at, at + 30));
+            assert_eq!(
+                (&p.entries, p.has_more),
+                (&want, more),
+                "between {at}, {limit}"
+            );
+        }
+        let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::Latest, limit)?));
+        let mut want: Vec<_> = entries(0, u64::MAX).rev().take(limit).collect();
+        want.reverse();
+        assert_eq!(p.entries, want, "latest {limit}");
+        assert_eq!(p.has_more, limit < all.len());
+    }
+    let p = get(&kv, |t| Ok(m.log_page(t, "h", LogQuery::Latest, 10)?));
+    assert_eq!(p.entries, vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
+}
+
+/// A run whose value holds fewer or more entries than its key says, or a
+/// key that does not end after it starts, is an error, not a panic.
+#[test]
+fn broken_runs_are_errors() {
+    for (key, value) in [
+        (("g", "a", "log", 5u64, 3u64), vec![1, b'x', 1, b'y']),
+        (("g", "b", "log", 5, 4), vec![1, b'x', 1, b'y', 0]),
+        (("g", "c", "log", 5, 4), vec![9, b'x']),
+        (("g", "d", "log", 4, 4), vec![1, b'x']),
+    ] {
+        let (_d, kv) = store();
+        let m = Model::new(b"t");
+        write(&kv, |t| Ok(t.set(&m.key(&key), &value)?));
+        let gid = key.1;
+        let page = read(&kv, |t| -> R<_> {
+            Ok(m.log_page(t, gid, LogQuery::Latest, 10)?)
+        });
+        assert!(
+            matches!(page, Err(TxError::Db(Error::Corrupt { .. }))),
+            "{key:?}: {page:?}"
+        );
+    }
+}
+
 #[test]
 fn epochs_fence_older_owners() {
     let (_d, kv) = store();
