@@ -376,10 +376,13 @@ impl Model {
         let at = |seq: u64| self.key(&("g", gid, "log", seq));
         // Forward: from the first key whose last seq is >= lo. Reverse:
         // the keys whose last seq is < hi, newest first, after the one key
-        // that may hold seqs on both sides of hi (the first at or past it).
+        // that may hold seqs on both sides of hi (the first at or past it;
+        // there is none past the last seq there can be).
         let (mut begin, mut end) = if scan.reverse {
-            for (k, v) in t.get_range(&at(scan.hi), &log_end, RangeOpts::forward(1))? {
-                scan.take(&log, &k, v, &mut out)?;
+            if scan.hi < u64::MAX {
+                for (k, v) in t.get_range(&at(scan.hi), &log_end, RangeOpts::forward(1))? {
+                    scan.take(&log, &k, v, &mut out)?;
+                }
             }
             (at(scan.lo), at(scan.hi))
         } else {
