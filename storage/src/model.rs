@@ -359,9 +359,13 @@ impl Model {
     }
 
     /// Up to `scan.want` entries with `scan.lo <= seq < scan.hi`: the
-    /// lowest first, or with `scan.reverse` the highest first. Reads keys a
-    /// few at a time (at most 4, then twice as many each round, up to 64),
-    /// since a key may hold one entry or many.
+    /// lowest first, or with `scan.reverse` the highest first. A key may
+    /// hold one entry or many, so it reads keys in rounds: at most 4 first,
+    /// then as many as the entries still wanted need at the mean entries per
+    /// key read so far (at most [`MAX_SCAN_KEYS`]). A history page takes
+    /// two or three range reads, and so does a group actor's load of
+    /// thousands of entries, which matters where each one is a round trip
+    /// (FoundationDB).
     fn log_scan(
         &self,
         t: &mut dyn Txn,
@@ -388,7 +392,7 @@ impl Model {
         } else {
             (at(scan.lo), log_end)
         };
-        let mut step = scan.want.min(4);
+        let (mut step, mut keys) = (scan.want.min(4), 0);
         while out.len() < scan.want {
             let opts = RangeOpts {
                 limit: step,
@@ -396,6 +400,7 @@ impl Model {
             };
             let pairs = t.get_range(&begin, &end, opts)?;
             let (read, last_key) = (pairs.len(), pairs.last().map(|(k, _)| k.clone()));
+            keys += read;
             for (k, v) in pairs {
                 if !scan.take(&log, &k, v, &mut out)? {
                     return Ok(out);
@@ -410,7 +415,15 @@ impl Model {
                 begin = k;
                 begin.push(0);
             }
-            step = (step * 2).min(64);
+            // As many keys as the entries still wanted need at the mean
+            // entries per key so far, and one more; twice as many as last
+            // time while none has been taken.
+            let left = scan.want - out.len();
+            step = match out.len() {
+                0 => step * 2,
+                taken => (left * keys).div_ceil(taken) + 1,
+            }
+            .clamp(1, MAX_SCAN_KEYS);
         }
         Ok(out)
     }
@@ -726,6 +739,9 @@ impl Model {
 /// page (at most 4,061 bytes) and is far below FoundationDB's 100 kB
 /// value limit, and a lookup of one entry decodes at most this much.
 pub const LOG_RUN_BYTES: usize = 3_900;
+
+/// Most keys one range read of [`Model::log_scan`] asks for.
+const MAX_SCAN_KEYS: usize = 1_024;
 
 /// An entry's bytes in a run: its length prefix and its body.
 fn run_entry_len(body: &[u8]) -> usize {

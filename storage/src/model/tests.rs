@@ -191,6 +191,80 @@ fn runs_read_back_as_the_entries_they_hold() {
     assert_eq!(p.entries, vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
 }
 
+/// A transaction that counts its range reads.
+struct Counting<'a> {
+    inner: &'a mut dyn Txn,
+    ranges: usize,
+}
+
+impl Txn for Counting<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.inner.get(key)
+    }
+    fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error> {
+        self.ranges += 1;
+        self.inner.get_range(begin, end, opts)
+    }
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        self.inner.set(key, value)
+    }
+    fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error> {
+        self.inner.insert_new(key, value)
+    }
+    fn clear(&mut self, key: &[u8]) -> Result<(), Error> {
+        self.inner.clear(key)
+    }
+    fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), Error> {
+        self.inner.clear_range(begin, end)
+    }
+    fn commit(self: Box<Self>) -> Result<(), Error> {
+        Err(Error::Engine("a counting view does not commit".into()))
+    }
+}
+
+/// Long reads of runs take a few range reads, not one per few keys: the
+/// number of keys each asks for follows the entries per key read so far.
+#[test]
+fn long_log_reads_take_a_few_range_reads() {
+    let (_d, kv) = store();
+    let m = Model::new(b"t");
+    // Runs of ~35 entries (100-byte bodies), and a group of single entries.
+    let batch = |from: u64| -> Vec<(u64, Vec<u8>)> {
+        (from..from + 500).map(|s| (s, vec![b'x'; 100])).collect()
+    };
+    write(&kv, |t| {
+        for from in (1..10_000).step_by(500) {
+            m.put_log_batch(t, "runs", &batch(from))?;
+        }
+        for s in 1..=5_000 {
+            m.put_log(t, "single", s, b"y")?;
+        }
+        Ok(())
+    });
+    for (gid, query, limit, most) in [
+        ("runs", LogQuery::Latest, 4_512, 3),
+        ("runs", LogQuery::After(0), 4_512, 3),
+        ("runs", LogQuery::Before(9_000), 50, 3),
+        ("runs", LogQuery::Latest, 1, 1),
+        ("single", LogQuery::Latest, 4_512, 7),
+        ("single", LogQuery::After(10), 50, 3),
+    ] {
+        let (page, ranges) = get(&kv, |t| {
+            let mut c = Counting {
+                inner: t,
+                ranges: 0,
+            };
+            let page = m.log_page(&mut c, gid, query, limit)?;
+            Ok((page, c.ranges))
+        });
+        assert_eq!(page.entries.len(), limit, "{gid} {query:?}");
+        assert!(
+            ranges <= most,
+            "{gid} {query:?} {limit}: {ranges} range reads"
+        );
+    }
+}
+
 /// A run whose value holds fewer or more entries than its key says, or a
 /// key that does not end after it starts, is an error, not a panic.
 #[test]
