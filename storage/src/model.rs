@@ -777,7 +777,8 @@ struct Scan {
 impl Scan {
     /// Appends to `out` the entries of the log pair `(key, value)` that the
     /// scan wants, in its direction, until `out` has `want`; `log` is the
-    /// group's log prefix. Returns whether a later pair in the same
+    /// group's log prefix. Only the entries it takes are copied (an entry's
+    /// own value is moved). Returns whether a later pair in the same
     /// direction could still hold one.
     fn take(
         &self,
@@ -787,36 +788,46 @@ impl Scan {
         out: &mut Vec<(u64, Vec<u8>)>,
     ) -> Result<bool, Error> {
         let (first, last) = log_span(log, key)?;
-        let entries = if first == last {
-            vec![(first, value)]
-        } else {
-            split_run(key, &value, first, last)?
-        };
-        let mut take = |e: (u64, Vec<u8>)| {
-            if (self.lo..self.hi).contains(&e.0) && out.len() < self.want {
-                out.push(e);
+        let wanted =
+            |seq: u64, out: &Vec<_>| (self.lo..self.hi).contains(&seq) && out.len() < self.want;
+        if first == last {
+            if wanted(first, out) {
+                out.push((first, value));
             }
-        };
-        if self.reverse {
-            entries.into_iter().rev().for_each(&mut take);
-            Ok(first > self.lo && out.len() < self.want)
         } else {
-            entries.into_iter().for_each(&mut take);
-            Ok(last < self.hi.saturating_sub(1) && out.len() < self.want)
+            let bodies = split_run(key, &value, first, last)?;
+            let mut take = |(i, body): (usize, &[u8])| {
+                let seq = first + i as u64;
+                if wanted(seq, out) {
+                    out.push((seq, body.to_vec()));
+                }
+            };
+            if self.reverse {
+                bodies.into_iter().enumerate().rev().for_each(&mut take);
+            } else {
+                bodies.into_iter().enumerate().for_each(&mut take);
+            }
         }
+        Ok(out.len() < self.want
+            && if self.reverse {
+                first > self.lo
+            } else {
+                last < self.hi.saturating_sub(1)
+            })
     }
 }
 
-/// The entries of a run's value: `last - first + 1` length-prefixed bodies.
-fn split_run(
+/// The bodies of a run's value, for seqs `first..=last`: each after its
+/// length, exactly as many as the key says.
+fn split_run<'v>(
     key: &[u8],
-    value: &[u8],
+    value: &'v [u8],
     first: u64,
     last: u64,
-) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+) -> Result<Vec<&'v [u8]>, Error> {
     let mut buf = value;
-    let mut entries = Vec::new();
-    for seq in first..=last {
+    let mut bodies = Vec::new();
+    for _ in first..=last {
         let len = prost::encoding::decode_varint(&mut buf).map_err(|e| corrupt(key, e))?;
         let Some((body, rest)) = usize::try_from(len)
             .ok()
@@ -824,13 +835,13 @@ fn split_run(
         else {
             return Err(corrupt(key, "a run's entry is cut short"));
         };
-        entries.push((seq, body.to_vec()));
+        bodies.push(body);
         buf = rest;
     }
     if !buf.is_empty() {
         return Err(corrupt(key, "a run holds more entries than its key says"));
     }
-    Ok(entries)
+    Ok(bodies)
 }
 
 fn corrupt(key: &[u8], reason: impl std::fmt::Display) -> Error {
