@@ -150,42 +150,39 @@ fn runs_read_back_as_the_entries_they_hold() {
     }
     let entries = |lo: u64, hi: u64| all.range(lo..hi).map(|(s, b)| (*s, b.clone()));
     for limit in [1usize, 2, 5, 17, 51, 400] {
+        // What a page of `limit` should hold, from the entries in the
+        // query's direction: the first `limit`, in increasing seq, and
+        // whether there are more.
+        let expect = |from: Vec<(u64, Vec<u8>)>, reverse: bool| {
+            let more = from.len() > limit;
+            let mut page: Vec<_> = from.into_iter().take(limit).collect();
+            if reverse {
+                page.reverse();
+            }
+            (page, more)
+        };
         for at in [0u64, 1, 2, 8, 9, 40, 149, 150, 151, 299, 300, 301] {
-            let page = |q| get(&kv, |t| Ok(m.log_page(t, "g", q, limit)?));
-            let mut want: Vec<_> = entries(0, at).rev().take(limit + 1).collect();
-            let more = want.len() > limit;
-            want.truncate(limit);
-            want.reverse();
-            let p = page(LogQuery::Before(at));
-            assert_eq!(
-                (&p.entries, p.has_more),
-                (&want, more),
-                "before {at}, {limit}"
-            );
-            let mut want: Vec<_> = entries(at + 1, u64::MAX).take(limit + 1).collect();
-            let more = want.len() > limit;
-            want.truncate(limit);
-            let p = page(LogQuery::After(at));
-            assert_eq!(
-                (&p.entries, p.has_more),
-                (&want, more),
-                "after {at}, {limit}"
-            );
-            let mut want: Vec<_> = entries(at + 1, at + 30).take(limit + 1).collect();
-            let more = want.len() > limit;
-            want.truncate(limit);
-            let p = page(LogQuery::Between(at, at + 30));
-            assert_eq!(
-                (&p.entries, p.has_more),
-                (&want, more),
-                "between {at}, {limit}"
-            );
+            for (query, want) in [
+                (
+                    LogQuery::Before(at),
+                    expect(entries(0, at).rev().collect(), true),
+                ),
+                (
+                    LogQuery::After(at),
+                    expect(entries(at + 1, u64::MAX).collect(), false),
+                ),
+                (
+                    LogQuery::Between(at, at + 30),
+                    expect(entries(at + 1, at + 30).collect(), false),
+                ),
+            ] {
+                let p = get(&kv, |t| Ok(m.log_page(t, "g", query, limit)?));
+                assert_eq!((p.entries, p.has_more), want, "{query:?}, {limit}");
+            }
         }
         let p = get(&kv, |t| Ok(m.log_page(t, "g", LogQuery::Latest, limit)?));
-        let mut want: Vec<_> = entries(0, u64::MAX).rev().take(limit).collect();
-        want.reverse();
-        assert_eq!(p.entries, want, "latest {limit}");
-        assert_eq!(p.has_more, limit < all.len());
+        let want = expect(entries(0, u64::MAX).rev().collect(), true);
+        assert_eq!((p.entries, p.has_more), want, "latest {limit}");
     }
     let p = get(&kv, |t| Ok(m.log_page(t, "h", LogQuery::Latest, 10)?));
     assert_eq!(p.entries, vec![(1, b"x".to_vec()), (2, b"y".to_vec())]);
