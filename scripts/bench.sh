@@ -357,6 +357,17 @@ if want 4; then
         stop_node
         add "durable-1000-$sync"
     done
+    # The same 1,000 groups with four times as many sends in flight (16 a
+    # group instead of 4), sync=full, without a target of its own: at a
+    # fixed window a group batch holds about half its group's sends in
+    # flight, so this row shows what a deeper queue buys in throughput and
+    # costs in latency (docs/decisions.md #39). The target row is the one
+    # above.
+    start_node dur1000-deep full
+    load durable-1000-deep durable --groups 1000 --senders 16 --window 1024 \
+        --secs "$secs" --label "sync=full, deeper queue" --target 0
+    stop_node
+    add durable-1000-deep
 fi
 
 if want 5 || want 5hop; then
