@@ -288,9 +288,12 @@ impl Model {
             let mut n = 1;
             while let Some((seq, next)) = rest.get(n)
                 && first.checked_add(n as u64) == Some(*seq)
-                && bytes + run_entry_len(next) <= LOG_RUN_BYTES
             {
-                bytes += run_entry_len(next);
+                let len = run_entry_len(next);
+                if bytes + len > LOG_RUN_BYTES {
+                    break;
+                }
+                bytes += len;
                 n += 1;
             }
             let (run, after) = rest.split_at(n);
