@@ -402,12 +402,14 @@ impl Model {
                 reverse: scan.reverse,
             };
             let pairs = t.get_range(&begin, &end, opts)?;
-            let (read, last_key) = (pairs.len(), pairs.last().map(|(k, _)| k.clone()));
+            let read = pairs.len();
             keys += read;
+            let mut last_key = None;
             for (k, v) in pairs {
                 if !scan.take(&log, &k, v, &mut out)? {
                     return Ok(out);
                 }
+                last_key = Some(k);
             }
             let Some(k) = last_key.filter(|_| read == step) else {
                 break;
