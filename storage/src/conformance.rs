@@ -49,6 +49,7 @@ const SUITE: &[(&str, Check)] = &[
     ("snapshot_isolation", snapshot_isolation),
     ("uncommitted_writes_invisible", uncommitted_writes_invisible),
     ("concurrent_increments", concurrent_increments),
+    ("writer_reads_follow_writes", writer_reads_follow_writes),
 ];
 
 /// Runs every check, each under `prefix` + its name + `\0`.
@@ -102,6 +103,17 @@ fn range(kv: &dyn Kv, begin: &[u8], end: &[u8], opts: RangeOpts) -> Vec<Pair> {
 /// The last key of a range, in its own read-only transaction.
 fn last_key(kv: &dyn Kv, begin: &[u8], end: &[u8]) -> Option<Vec<u8>> {
     read::<_, ()>(kv, |t| Ok(t.last_key(begin, end)?)).expect("last key")
+}
+
+/// A key and the last key of a range, read in a read-write transaction
+/// (where the embedded engine's writer may answer from what it remembers).
+fn rw_read(
+    kv: &dyn Kv,
+    key: &[u8],
+    begin: &[u8],
+    end: &[u8],
+) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    run::<_, ()>(kv, |t| Ok((t.get(key)?, t.last_key(begin, end)?))).expect("read-write read")
 }
 
 /// Everything under `prefix`.
@@ -769,6 +781,70 @@ fn concurrent_increments(kv: &dyn Kv, p: &[u8]) {
 
 // ---------------------------------------------------------------- engine runs
 
+/// Reads in read-write transactions see every write before them: the
+/// transaction's own (set, insert, clear, range clear), earlier commits,
+/// and nothing of a transaction rolled back or aborted. (The embedded
+/// engine's writer remembers what it read between transactions: this is
+/// the contract it must keep.)
+fn writer_reads_follow_writes(kv: &dyn Kv, p: &[u8]) {
+    let key = k(p, b"fence");
+    let (begin, end) = (k(p, b"log/"), k(p, b"log0"));
+    let log = |n: u8| k(p, &[b'l', b'o', b'g', b'/', n]);
+    let some = |v: &[u8]| Some(v.to_vec());
+    assert_eq!(rw_read(kv, &key, &begin, &end), (None, None));
+    put(kv, &key, b"1");
+    put(kv, &log(1), b"x");
+    assert_eq!(rw_read(kv, &key, &begin, &end), (some(b"1"), Some(log(1))));
+    // Committed writes, read again in the next transaction.
+    run::<_, ()>(kv, |t| {
+        t.set(&key, b"2")?;
+        t.set(&log(3), b"z")?;
+        // Below the last key: the last key stays.
+        t.set(&log(2), b"y")?;
+        Ok(())
+    })
+    .expect("write");
+    assert_eq!(rw_read(kv, &key, &begin, &end), (some(b"2"), Some(log(3))));
+    // Rolled back by a drop and by an abort: as if never written.
+    {
+        let mut t = kv.begin(TxMode::ReadWrite).expect("begin");
+        assert_eq!(t.get(&key).expect("get"), some(b"2"));
+        t.set(&key, b"dropped").expect("set");
+        t.set(&log(9), b"dropped").expect("set");
+        assert_eq!(t.get(&key).expect("get"), some(b"dropped"));
+        assert_eq!(t.last_key(&begin, &end).expect("last"), Some(log(9)));
+    }
+    let aborted = run::<(), &str>(kv, |t| {
+        t.set(&key, b"aborted")?;
+        t.clear(&log(3))?;
+        assert_eq!(t.last_key(&begin, &end)?, Some(log(2)));
+        Err(TxError::Abort("no"))
+    });
+    assert!(matches!(aborted, Err(TxError::Abort("no"))));
+    assert_eq!(rw_read(kv, &key, &begin, &end), (some(b"2"), Some(log(3))));
+    // Inserts, clears and range clears, seen inside the transaction and
+    // after it.
+    run::<_, ()>(kv, |t| {
+        assert!(!t.insert_new(&key, b"taken")?);
+        assert!(t.insert_new(&log(4), b"w")?);
+        assert_eq!(t.last_key(&begin, &end)?, Some(log(4)));
+        t.clear(&log(4))?;
+        assert_eq!(t.last_key(&begin, &end)?, Some(log(3)));
+        t.clear_range(&log(3), &end)?;
+        assert_eq!(t.last_key(&begin, &end)?, Some(log(2)));
+        Ok(())
+    })
+    .expect("write");
+    assert_eq!(rw_read(kv, &key, &begin, &end), (some(b"2"), Some(log(2))));
+    run::<_, ()>(kv, |t| {
+        t.clear(&key)?;
+        Ok(t.clear_range(&begin, &end)?)
+    })
+    .expect("clear");
+    assert_eq!(rw_read(kv, &key, &begin, &end), (None, None));
+    assert_eq!(get(kv, &key), None);
+}
+
 #[test]
 fn prefix_end_cases() {
     assert_eq!(prefix_end(b"abc"), Some(b"abd".to_vec()));
@@ -1013,6 +1089,40 @@ fn sqlite_two_instances_on_one_file() {
     );
     assert_eq!(get(&two, b"held").as_deref(), Some(&b"1"[..]));
     assert_eq!(get(&one, b"after").as_deref(), Some(&b"1"[..]));
+}
+
+/// The writer remembers what its transactions read only while nobody
+/// else commits: another instance's commits (another process, as far as
+/// SQLite can tell) are read afresh, whether they changed a value, added a
+/// last key or removed one.
+#[test]
+fn sqlite_writer_reads_see_other_instances() {
+    let (_dir, path) = temp_db();
+    let one = SqliteKv::open(&path, SqliteOptions::default()).expect("open one");
+    let two = SqliteKv::open(&path, SqliteOptions::default()).expect("open two");
+    let some = |v: &[u8]| Some(v.to_vec());
+    put(&one, b"e", b"1");
+    put(&one, b"log/1", b"x");
+    let read_one = || rw_read(&one, b"e", b"log/", b"log0");
+    assert_eq!(read_one(), (some(b"1"), some(b"log/1")));
+    assert_eq!(read_one(), (some(b"1"), some(b"log/1")), "unchanged");
+    put(&two, b"e", b"2");
+    put(&two, b"log/2", b"y");
+    assert_eq!(read_one(), (some(b"2"), some(b"log/2")));
+    run::<_, ()>(&two, |t| {
+        t.clear(b"log/2")?;
+        Ok(t.clear(b"e")?)
+    })
+    .expect("clear");
+    assert_eq!(read_one(), (None, some(b"log/1")));
+    // And the other way round, after `one`'s own commit.
+    run::<_, ()>(&one, |t| Ok(t.set(b"log/3", b"z")?)).expect("write");
+    assert_eq!(
+        rw_read(&two, b"e", b"log/", b"log0"),
+        (None, some(b"log/3"))
+    );
+    put(&two, b"e", b"3");
+    assert_eq!(read_one(), (some(b"3"), some(b"log/3")));
 }
 
 #[test]

@@ -15,6 +15,8 @@
 //!   by several processes on one machine, durable on commit).
 //! - `fdb` (feature `fdb`): the FoundationDB engine.
 //! - [`model`]: the chat keyspace and typed records.
+//! - `readcache`: what the embedded engine's writer remembers of its reads
+//!   between transactions.
 //! - [`error`]: the crate's error type.
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod error;
 pub mod fdb;
 pub mod kv;
 pub mod model;
+mod readcache;
 pub mod sqlite;
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Statement, p
 
 use crate::error::Error;
 use crate::kv::{Kv, Pair, RangeOpts, TxMode, Txn};
+use crate::readcache::ReadCache;
 
 /// How long a transaction waits for a lock (another process's writer, or
 /// this process's writer connection) before failing with [`Error::Timeout`].
@@ -88,6 +89,10 @@ const CACHE_SIZE_KIB: u64 = 8 * 1024;
 /// One-group durable appends: 5.9% of the node's CPU samples in that scan
 /// with 64 MiB, 2.4% with 24 MiB (docs/benchmarks.md, round 8).
 const WRITER_CACHE_SIZE_KIB: u64 = 24 * 1024;
+/// Most values, and most ranges' last keys, that the writer connection
+/// remembers between transactions ([`ReadCache`]): two a group for a node
+/// whose commits reach 16,384 groups, ~5 MB when full.
+const WRITER_READ_CACHE_ENTRIES: usize = 32 * 1024;
 /// How often the background checkpointer runs.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// WAL size (in pages) past which the checkpointer uses `RESTART` (waits
@@ -238,10 +243,14 @@ impl SqliteKv {
     pub fn open(path: &Path, opts: SqliteOptions) -> Result<SqliteKv, Error> {
         let writer = open_connection(path, opts.sync, false)?;
         create_schema(&writer)?;
-        let writer = Prepared::open(writer)?;
+        let writer = Conn::writer(Prepared::open(writer)?);
         let readers = (0..opts.readers.max(1))
-            .map(|_| Prepared::open(open_connection(path, opts.sync, true)?))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|_| {
+                Ok(Conn::reader(Prepared::open(open_connection(
+                    path, opts.sync, true,
+                )?)?))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         tracing::debug!(
             path = %path.display(),
             sync = ?opts.sync,
@@ -275,6 +284,7 @@ impl Kv for SqliteKv {
             pool,
             conn: Some(pool.take()?),
             mode,
+            committed: false,
         };
         txn.with(|conn, st| {
             ensure_autocommit(conn)?;
@@ -284,6 +294,15 @@ impl Kv for SqliteKv {
             };
             Ok(())
         })?;
+        if txn.cache().is_some() {
+            // Read inside the write lock: no other connection can commit
+            // until this transaction ends.
+            let version =
+                txn.with(|_, st| Ok(st.data_version.query_row([], |r| r.get::<_, i64>(0))?))?;
+            if let Some(cache) = txn.cache() {
+                cache.begin(version);
+            }
+        }
         Ok(Box::new(txn))
     }
 
@@ -342,6 +361,7 @@ statements! {
     clear_range = SQL_CLEAR_RANGE;
     begin_read = "BEGIN DEFERRED";
     begin_write = "BEGIN IMMEDIATE";
+    data_version = "PRAGMA data_version";
     commit = "COMMIT";
 }
 
@@ -372,14 +392,46 @@ impl Prepared {
     }
 }
 
+/// A pooled connection: its statements and, for the writer, what it
+/// remembers of its reads between transactions.
+struct Conn {
+    prepared: Prepared,
+    /// `Some` for the writer connection only: read-only transactions read
+    /// snapshots of their own, and are not the serial path.
+    cache: Option<ReadCache>,
+}
+
+impl Conn {
+    fn reader(prepared: Prepared) -> Conn {
+        Conn {
+            prepared,
+            cache: None,
+        }
+    }
+
+    fn writer(prepared: Prepared) -> Conn {
+        Conn {
+            prepared,
+            cache: Some(ReadCache::new(WRITER_READ_CACHE_ENTRIES)),
+        }
+    }
+}
+
 /// One open transaction on a connection taken from `pool`.
+///
+/// Invariant: in a read-write transaction, the connection's cache holds
+/// only what this transaction reads (see [`ReadCache`]): each write tells
+/// it, a failed write makes it forget, and so does an end without a
+/// commit.
 struct SqliteTxn<'a> {
     /// Where the connection goes back when the transaction ends.
     pool: &'a Pool,
     /// `Some` from `begin` until drop.
-    conn: Option<Prepared>,
+    conn: Option<Conn>,
     /// Whether writes are allowed.
     mode: TxMode,
+    /// Set once `COMMIT` succeeded.
+    committed: bool,
 }
 
 impl SqliteTxn<'_> {
@@ -393,7 +445,33 @@ impl SqliteTxn<'_> {
         self.conn
             .as_mut()
             .ok_or_else(|| Error::Engine("sqlite transaction already finished".into()))?
+            .prepared
             .with_dependent_mut(|conn, st| f(conn, st))
+    }
+
+    /// The connection's read cache, in a read-write transaction.
+    fn cache(&mut self) -> Option<&mut ReadCache> {
+        match self.mode {
+            TxMode::ReadWrite => self.conn.as_mut()?.cache.as_mut(),
+            TxMode::ReadOnly => None,
+        }
+    }
+
+    /// Tells the cache what a write did, or makes it forget everything if
+    /// the write failed (SQLite may have rolled back part of it, or the
+    /// whole transaction).
+    fn wrote<T>(
+        &mut self,
+        result: Result<T, Error>,
+        tell: impl FnOnce(&mut ReadCache, &T),
+    ) -> Result<T, Error> {
+        if let Some(cache) = self.cache() {
+            match &result {
+                Ok(done) => tell(cache, done),
+                Err(_) => cache.forget(),
+            }
+        }
+        result
     }
 
     /// [`Self::with`], for writes.
@@ -410,7 +488,15 @@ impl SqliteTxn<'_> {
 
 impl Txn for SqliteTxn<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.with(|_, st| Ok(st.get.query_row([key], |row| row.get(0)).optional()?))
+        if let Some(value) = self.cache().and_then(|c| c.get(key)) {
+            return Ok(Some(value.to_vec()));
+        }
+        let found: Option<Vec<u8>> =
+            self.with(|_, st| Ok(st.get.query_row([key], |row| row.get(0)).optional()?))?;
+        if let Some(cache) = self.cache() {
+            cache.got(key, found.as_deref());
+        }
+        Ok(found)
     }
 
     fn get_range(&mut self, begin: &[u8], end: &[u8], opts: RangeOpts) -> Result<Vec<Pair>, Error> {
@@ -433,16 +519,23 @@ impl Txn for SqliteTxn<'_> {
     }
 
     fn last_key(&mut self, begin: &[u8], end: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.with(|_, st| {
+        if let Some(last) = self.cache().and_then(|c| c.last_key(begin, end)) {
+            return Ok(last.map(<[u8]>::to_vec));
+        }
+        let found: Option<Vec<u8>> = self.with(|_, st| {
             Ok(st
                 .last_key
                 .query_row([begin, end], |row| row.get(0))
                 .optional()?)
-        })
+        })?;
+        if let Some(cache) = self.cache() {
+            cache.got_last_key(begin, end, found.as_deref());
+        }
+        Ok(found)
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Error> {
-        self.write(|conn, st| {
+        let result = self.write(|conn, st| {
             let stored = store_value(conn, st, value)?;
             if st.set.execute(params![key, stored])? == 0 {
                 // The key holds a long value: drop its row, then overwrite.
@@ -450,11 +543,12 @@ impl Txn for SqliteTxn<'_> {
                 st.update.execute(params![key, stored])?;
             }
             Ok(())
-        })
+        });
+        self.wrote(result, |cache, ()| cache.wrote(key, value))
     }
 
     fn insert_new(&mut self, key: &[u8], value: &[u8]) -> Result<bool, Error> {
-        self.write(|conn, st| {
+        let result = self.write(|conn, st| {
             if value.len() >= SEPARATE_MIN_BYTES {
                 // Look first, so that a taken key costs no `kv_values` row.
                 let taken = st.exists.query_row([key], |_| Ok(())).optional()?.is_some();
@@ -465,23 +559,30 @@ impl Txn for SqliteTxn<'_> {
             // One B-tree descent: the row count says whether the key was free.
             let stored = store_value(conn, st, value)?;
             Ok(st.insert_new.execute(params![key, stored])? == 1)
+        });
+        self.wrote(result, |cache, &inserted| {
+            if inserted {
+                cache.wrote(key, value);
+            }
         })
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), Error> {
-        self.write(|_, st| {
+        let result = self.write(|_, st| {
             st.unlink.execute([key])?;
             st.clear.execute([key])?;
             Ok(())
-        })
+        });
+        self.wrote(result, |cache, ()| cache.cleared(key))
     }
 
     fn clear_range(&mut self, begin: &[u8], end: &[u8]) -> Result<(), Error> {
-        self.write(|_, st| {
+        let result = self.write(|_, st| {
             st.unlink_range.execute([begin, end])?;
             st.clear_range.execute([begin, end])?;
             Ok(())
-        })
+        });
+        self.wrote(result, |cache, ()| cache.cleared_range(begin, end))
     }
 
     fn commit(mut self: Box<Self>) -> Result<(), Error> {
@@ -491,14 +592,23 @@ impl Txn for SqliteTxn<'_> {
         self.with(|_, st| {
             st.commit.execute([])?;
             Ok(())
-        })
+        })?;
+        self.committed = true;
+        Ok(())
     }
 }
 
 impl Drop for SqliteTxn<'_> {
     fn drop(&mut self) {
-        if let Some(prepared) = self.conn.take() {
-            let conn = prepared.borrow_owner();
+        if !self.committed
+            && let Some(cache) = self.cache()
+        {
+            // Rolled back (below, or by SQLite after an error): what the
+            // transaction read and wrote is not the file's any more.
+            cache.forget();
+        }
+        if let Some(pooled) = self.conn.take() {
+            let conn = pooled.prepared.borrow_owner();
             if !conn.is_autocommit() {
                 // Not committed: roll back. If even that fails, the next
                 // `begin` on this connection tries again (`ensure_autocommit`).
@@ -506,7 +616,7 @@ impl Drop for SqliteTxn<'_> {
                     tracing::warn!(error = %e, "sqlite rollback failed");
                 }
             }
-            self.pool.put(prepared);
+            self.pool.put(pooled);
         }
     }
 }
@@ -548,13 +658,13 @@ struct Pool {
     /// How many connections it holds (idle or taken).
     size: usize,
     /// Connections not in use, all in autocommit mode.
-    idle: Mutex<Vec<Prepared>>,
+    idle: Mutex<Vec<Conn>>,
     /// Signalled when a connection is put back.
     returned: Condvar,
 }
 
 impl Pool {
-    fn new(name: &'static str, conns: Vec<Prepared>) -> Pool {
+    fn new(name: &'static str, conns: Vec<Conn>) -> Pool {
         Pool {
             name,
             size: conns.len(),
@@ -566,7 +676,7 @@ impl Pool {
     /// Takes an idle connection, waiting up to [`BUSY_DEADLINE`] for one.
     /// (Waiting forever would turn a thread that opens a second read-write
     /// transaction while holding one into a silent deadlock.)
-    fn take(&self) -> Result<Prepared, Error> {
+    fn take(&self) -> Result<Conn, Error> {
         let start = Instant::now();
         // The lock is never held across user code or a panic site, so a
         // poisoned lock still guards a consistent Vec.
@@ -590,7 +700,7 @@ impl Pool {
         }
     }
 
-    fn put(&self, conn: Prepared) {
+    fn put(&self, conn: Conn) {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
