@@ -14,21 +14,31 @@
 //! all its clients, a peer crashes with its sessions), those writes share
 //! the same few transactions instead of one commit (one fsync) each.
 //!
+//! Its transactions run in **rounds** on the store's write lane. A round
+//! takes the jobs queued when it starts, commits them and hands all their
+//! answers, in one message, to a task that sends them; while it runs, the
+//! stage's task has already queued the next round behind it. So the
+//! writer goes from one commit straight into the next transaction. When
+//! the stage's task collected each transaction's jobs and answered them
+//! itself, the writer waited for it between transactions (a tokio task
+//! among busy workers): 9% of its time over 1,000 groups
+//! (docs/benchmarks.md, round 25).
+//!
 //! Who talks to it: group actors, through [`Committer::submit`], and
-//! presence actors, through [`Committer::last_seen`]. It runs storage on
-//! the store's write lane and never holds more than [`MAX_JOBS`] jobs or
-//! [`MAX_ENTRIES`] log entries in one transaction; its queue is bounded
-//! ([`QUEUE`]), so a flood of commits slows the writers down instead of
-//! growing memory.
+//! presence actors, through [`Committer::last_seen`]. A round never holds
+//! more than [`MAX_JOBS`] jobs or [`MAX_ENTRIES`] log entries; the queue
+//! is bounded ([`QUEUE`]), so a flood of commits slows the writers down
+//! instead of growing memory.
 //!
 //! What it must not do: let one group's rejection or duplicate undo another
 //! group's writes, or reply before the transaction committed.
 
-use std::sync::Arc;
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use storage::model::Model;
-use storage::{TxError, Txn};
+use storage::{Kv, TxError, Txn};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
@@ -47,9 +57,8 @@ pub const QUEUE: usize = 4_096;
 
 type Outcome = Result<CommitOutcome, CommitFailure>;
 
-/// What one job writes (cloned into the transaction closure, which may run
-/// more than once).
-#[derive(Clone)]
+/// What one job writes (the transaction closure, which may run more than
+/// once, reads it each time).
 enum Work {
     /// A group's planned batch, checked first.
     Group(Arc<Writes>),
@@ -62,6 +71,36 @@ enum Reply {
     Group(oneshot::Sender<Outcome>),
     LastSeen(oneshot::Sender<ChatResult<()>>),
 }
+
+/// A job's answer, to send to its [`Reply`].
+enum Answer {
+    Group(Outcome),
+    LastSeen(ChatResult<()>),
+}
+
+impl Reply {
+    /// Sends `answer` (of the matching kind; a caller that stopped
+    /// waiting is no error).
+    fn send(self, answer: Answer) {
+        match (self, answer) {
+            (Reply::Group(reply), Answer::Group(outcome)) => {
+                let _ = reply.send(outcome);
+            }
+            (Reply::LastSeen(reply), Answer::LastSeen(result)) => {
+                let _ = reply.send(result);
+            }
+            // Dropping the sender tells the caller the stage failed it.
+            _ => warn!("commit answer of the wrong kind"),
+        }
+    }
+}
+
+/// One round's answers, for the task that sends them.
+type Answers = Vec<(Reply, Answer)>;
+
+/// Rounds whose answers may wait for the answering task (past it, a round
+/// sends its own; rounds are serial, so two are plenty).
+const ANSWER_QUEUE: usize = 4;
 
 struct Job {
     work: Work,
@@ -146,75 +185,176 @@ impl Work {
     }
 }
 
-async fn run(store: Store, mut rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
-    while let Some(first) = rx.recv().await {
-        // Everything that queued while the last transaction ran goes into
-        // this one, within the bounds.
-        let mut entries = first.work.entries();
-        let mut jobs = vec![first];
+/// The stage's queue: the stage's task waits on it while no round is
+/// queued; a round takes its jobs from it when it starts.
+type Queue = Arc<Mutex<mpsc::Receiver<Job>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Never held across a panic site of its own: a poisoned lock still
+    // guards a sound value.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The stage's task: keeps one round queued on the write lane behind the
+/// one running, while there is work.
+///
+/// Invariant: at most one round is queued and not yet started, and a round
+/// is queued only when the one before it has taken its jobs; so rounds take
+/// jobs in queue order, and the lane goes from one round's commit straight
+/// into the next round, without waiting for this task.
+async fn run(store: Store, rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
+    let queue: Queue = Arc::new(Mutex::new(rx));
+    // Waking hundreds of callers is a tokio task's work, not the writer's:
+    // a round hands its answers over in one message.
+    let (answers, mut to_answer) = mpsc::channel::<Answers>(ANSWER_QUEUE);
+    tokio::spawn(async move {
+        while let Some(round) = to_answer.recv().await {
+            for (reply, answer) in round {
+                reply.send(answer);
+            }
+        }
+    });
+    // Rounds run one at a time even on an engine with several write
+    // threads: a group's next batch is checked against the head its batch
+    // ahead of it wrote.
+    let serial = Arc::new(Mutex::new(()));
+    loop {
+        // Idle: no round queued. The lock is held only while polling.
+        let Some(first) = poll_fn(|cx| lock(&queue).poll_recv(cx)).await else {
+            return;
+        };
+        let mut carry = Some(first);
+        loop {
+            let (started, taken) = oneshot::channel();
+            let (queue, serial, meters) = (queue.clone(), serial.clone(), meters.clone());
+            let answers = answers.clone();
+            let first = carry.take();
+            let queued = store
+                .spawn_on_write_lane(move |kv, model| {
+                    let lanes = Lanes {
+                        queue: &queue,
+                        serial: &serial,
+                        answers: &answers,
+                        meters: &meters,
+                    };
+                    round(kv, model, first, lanes, started)
+                })
+                .await;
+            if let Err(e) = queued {
+                // The round was dropped with the job it carried, whose
+                // caller gets an error; the next job tries again.
+                warn!(error = %e, "commit round not queued");
+                break;
+            }
+            match taken.await {
+                // It took jobs: queue the next round behind it.
+                Ok(n) if n > 0 => continue,
+                // It found none (or panicked before taking any): idle.
+                _ => break,
+            }
+        }
+    }
+}
+
+/// What a round shares with the stage.
+struct Lanes<'a> {
+    queue: &'a Mutex<mpsc::Receiver<Job>>,
+    serial: &'a Mutex<()>,
+    answers: &'a mpsc::Sender<Answers>,
+    meters: &'a Meters,
+}
+
+/// One round, on the write lane: takes what is queued (within the bounds),
+/// says how many it took, commits them in one transaction and has each
+/// answered.
+fn round(
+    kv: &dyn Kv,
+    model: &Model,
+    carry: Option<Job>,
+    s: Lanes<'_>,
+    taken: oneshot::Sender<usize>,
+) {
+    let Lanes {
+        queue,
+        serial,
+        answers,
+        meters,
+    } = s;
+    let _serial = lock(serial);
+    let started = Instant::now();
+    let mut jobs: Vec<Job> = carry.into_iter().collect();
+    let mut entries: usize = jobs.iter().map(|j| j.work.entries()).sum();
+    {
+        let mut queue = lock(queue);
         while jobs.len() < MAX_JOBS && entries < MAX_ENTRIES {
-            let Ok(job) = rx.try_recv() else { break };
+            let Ok(job) = queue.try_recv() else { break };
             entries += job.work.entries();
             jobs.push(job);
         }
-        let works: Vec<Work> = jobs.iter().map(|j| j.work.clone()).collect();
-        meters
-            .txn_groups
-            .record(works.iter().filter(|w| matches!(w, Work::Group(_))).count() as f64);
-        meters.txn_entries.record(entries as f64);
-        // One outcome per group batch, in job order.
-        let started = Instant::now();
-        // When the first attempt's statements began: after the engine's
-        // BEGIN, which with SQLite takes the write lock.
-        let mut began = None;
-        let result = store
-            .write_with(move |t, m| {
-                let began = *began.get_or_insert_with(Instant::now);
-                let mut outcomes = Vec::new();
-                for w in &works {
-                    match w {
-                        Work::Group(w) => outcomes.push(commit_one(t, m, w)?),
-                        Work::LastSeen(user, ms) => m.set_last_seen(t, user, *ms)?,
-                    }
-                }
-                Ok::<_, TxError<()>>((outcomes, began))
-            })
-            .await;
-        meters.txn_seconds.record(started.elapsed().as_secs_f64());
-        match result {
-            Ok((outcomes, began)) => {
-                meters.txn_wait.record((began - started).as_secs_f64());
-                let mut outcomes = outcomes.into_iter();
-                for job in jobs {
-                    match job.reply {
-                        Reply::Group(reply) => {
-                            if let Some(outcome) = outcomes.next() {
-                                let _ = reply.send(outcome);
-                            }
-                        }
-                        Reply::LastSeen(reply) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                    }
-                }
+    }
+    let _ = taken.send(jobs.len());
+    if jobs.is_empty() {
+        return;
+    }
+    meters.txn_groups.record(
+        jobs.iter()
+            .filter(|j| matches!(j.work, Work::Group(_)))
+            .count() as f64,
+    );
+    meters.txn_entries.record(entries as f64);
+    // When the first attempt's statements began: after the engine's
+    // BEGIN, which with SQLite takes the write lock.
+    let mut began = None;
+    // One outcome per group batch, in job order.
+    let result = storage::run(kv, |t| {
+        let began = *began.get_or_insert_with(Instant::now);
+        let mut outcomes = Vec::new();
+        for job in &jobs {
+            match &job.work {
+                Work::Group(w) => outcomes.push(commit_one(t, model, w)?),
+                Work::LastSeen(user, ms) => model.set_last_seen(t, user, *ms)?,
             }
-            Err(e) => {
-                let err = match e {
-                    TxError::Db(e) => ChatError::from(e),
-                    TxError::Abort(()) => ChatError::Internal("commit aborted".into()),
-                };
-                warn!(error = %err, jobs = jobs.len(), "commit transaction failed");
-                for job in jobs {
-                    match job.reply {
-                        Reply::Group(reply) => {
-                            let _ = reply.send(Err(CommitFailure::Storage(err.clone())));
-                        }
-                        Reply::LastSeen(reply) => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
-                }
-            }
+        }
+        Ok::<_, TxError<()>>((outcomes, began))
+    });
+    meters.txn_seconds.record(started.elapsed().as_secs_f64());
+    let round: Answers = match result {
+        Ok((outcomes, began)) => {
+            meters.txn_wait.record((began - started).as_secs_f64());
+            let mut outcomes = outcomes.into_iter();
+            jobs.into_iter()
+                .filter_map(|job| {
+                    let answer = match &job.reply {
+                        // One outcome per group job, in job order.
+                        Reply::Group(_) => Answer::Group(outcomes.next()?),
+                        Reply::LastSeen(_) => Answer::LastSeen(Ok(())),
+                    };
+                    Some((job.reply, answer))
+                })
+                .collect()
+        }
+        Err(e) => {
+            let err = match e {
+                TxError::Db(e) => ChatError::from(e),
+                TxError::Abort(()) => ChatError::Internal("commit aborted".into()),
+            };
+            warn!(error = %err, jobs = jobs.len(), "commit transaction failed");
+            jobs.into_iter()
+                .map(|job| {
+                    let answer = match &job.reply {
+                        Reply::Group(_) => Answer::Group(Err(CommitFailure::Storage(err.clone()))),
+                        Reply::LastSeen(_) => Answer::LastSeen(Err(err.clone())),
+                    };
+                    (job.reply, answer)
+                })
+                .collect()
+        }
+    };
+    if let Err(mpsc::error::TrySendError::Full(round) | mpsc::error::TrySendError::Closed(round)) =
+        answers.try_send(round)
+    {
+        for (reply, answer) in round {
+            reply.send(answer);
         }
     }
 }

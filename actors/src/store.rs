@@ -121,24 +121,28 @@ impl Lane {
         Ok(Lane { jobs })
     }
 
+    /// Queues `f` on the lane (waiting for room up to [`QUEUE_WAIT`]) and
+    /// returns without waiting for it to run.
+    async fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<(), storage::Error> {
+        match tokio::time::timeout(QUEUE_WAIT, self.jobs.send(Box::new(f))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(storage::Error::Engine("storage threads stopped".into())),
+            Err(_) => Err(storage::Error::Timeout(format!(
+                "storage queue full for {QUEUE_WAIT:?}"
+            ))),
+        }
+    }
+
     /// Runs `f` on the lane and waits for its result.
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, storage::Error> {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move || {
+        self.spawn(move || {
             let _ = reply.send(f());
-        });
-        match tokio::time::timeout(QUEUE_WAIT, self.jobs.send(job)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(storage::Error::Engine("storage threads stopped".into())),
-            Err(_) => {
-                return Err(storage::Error::Timeout(format!(
-                    "storage queue full for {QUEUE_WAIT:?}"
-                )));
-            }
-        }
+        })
+        .await?;
         answer
             .await
             .map_err(|_| storage::Error::Engine("storage transaction panicked".into()))
@@ -237,6 +241,18 @@ impl Store {
         self.writes
             .run(move || storage::run(&*kv, |t| f(t, &model)))
             .await?
+    }
+
+    /// Queues `f` on the write lane, to run there with the engine and the
+    /// model, and returns once it is queued (not run). For the commit
+    /// stage, whose rounds run transactions themselves and answer their
+    /// callers from the lane (see [`crate::committer`]).
+    pub(crate) async fn spawn_on_write_lane<F>(&self, f: F) -> Result<(), storage::Error>
+    where
+        F: FnOnce(&dyn Kv, &Model) + Send + 'static,
+    {
+        let (kv, model) = (self.kv.clone(), self.model.clone());
+        self.writes.spawn(move || f(&*kv, &model)).await
     }
 
     /// Runs a read-only (snapshot) transaction on the read lane.
