@@ -37,9 +37,11 @@ pub struct Meters {
     pub txn_groups: Histogram,
     /// `chat_commit_entries_per_txn`.
     pub txn_entries: Histogram,
-    /// `chat_commit_txn_seconds`.
+    /// `chat_commit_txn_seconds`: a commit round on the writer, from
+    /// taking its jobs to its commit.
     pub txn_seconds: Histogram,
-    /// `chat_commit_wait_seconds`.
+    /// `chat_commit_wait_seconds`: the part of a round before its first
+    /// statement (the engine's `BEGIN`, which waits for its write lock).
     pub txn_wait: Histogram,
     /// `chat_cluster_envelopes_out_total`.
     pub envelopes_out: Counter,

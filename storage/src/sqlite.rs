@@ -38,7 +38,9 @@
 //! What it must not do: hold a connection inside a transaction after the
 //! [`Txn`] is gone (dropping a transaction, even while unwinding from a
 //! panic, rolls it back and returns the connection), or keep any state that
-//! another process could not see (all state is in the file).
+//! is not the file's. The one thing it keeps besides connections is the
+//! writer's memory of its reads (`readcache`), which is checked against
+//! the file's change counter at every `BEGIN` (docs/decisions.md #40).
 
 use std::cell::Cell;
 use std::fmt;
