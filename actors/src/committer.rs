@@ -231,13 +231,13 @@ async fn run(store: Store, rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
             let first = carry.take();
             let queued = store
                 .spawn_on_write_lane(move |kv, model| {
-                    let lanes = Lanes {
+                    let stage = Stage {
                         queue: &queue,
                         serial: &serial,
                         answers: &answers,
                         meters: &meters,
                     };
-                    round(kv, model, first, lanes, started)
+                    round(kv, model, first, stage, started)
                 })
                 .await;
             if let Err(e) = queued {
@@ -257,7 +257,7 @@ async fn run(store: Store, rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
 }
 
 /// What a round shares with the stage.
-struct Lanes<'a> {
+struct Stage<'a> {
     queue: &'a Mutex<mpsc::Receiver<Job>>,
     serial: &'a Mutex<()>,
     answers: &'a mpsc::Sender<Answers>,
@@ -271,15 +271,15 @@ fn round(
     kv: &dyn Kv,
     model: &Model,
     carry: Option<Job>,
-    s: Lanes<'_>,
+    stage: Stage<'_>,
     taken: oneshot::Sender<usize>,
 ) {
-    let Lanes {
+    let Stage {
         queue,
         serial,
         answers,
         meters,
-    } = s;
+    } = stage;
     let _serial = lock(serial);
     let started = Instant::now();
     let mut jobs: Vec<Job> = carry.into_iter().collect();

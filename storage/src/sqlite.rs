@@ -98,8 +98,11 @@ const CACHE_SIZE_KIB: u64 = 8 * 1024;
 /// with 64 MiB, 2.4% with 24 MiB (docs/benchmarks.md, round 8).
 const WRITER_CACHE_SIZE_KIB: u64 = 24 * 1024;
 /// Most values, and most ranges' last keys, that the writer connection
-/// remembers between transactions ([`ReadCache`]): two a group for a node
-/// whose commits reach 16,384 groups, ~5 MB when full.
+/// remembers between transactions ([`ReadCache`]). A group that commits
+/// takes about two values (its fence, and what loading it read: its meta,
+/// its dedupe watermark) and one range (its log, for the head): 3,000
+/// entries over 1,000 groups. Past this, a table starts over; ~5 MB when
+/// full.
 const WRITER_READ_CACHE_ENTRIES: usize = 32 * 1024;
 /// How often the background checkpointer runs.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
