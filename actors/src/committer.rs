@@ -72,31 +72,28 @@ enum Reply {
     LastSeen(oneshot::Sender<ChatResult<()>>),
 }
 
-/// A job's answer, to send to its [`Reply`].
-enum Answer {
-    Group(Outcome),
-    LastSeen(ChatResult<()>),
+/// A job's [`Reply`] with its answer, ready to send.
+enum Answered {
+    Group(oneshot::Sender<Outcome>, Outcome),
+    LastSeen(oneshot::Sender<ChatResult<()>>, ChatResult<()>),
 }
 
-impl Reply {
-    /// Sends `answer` (of the matching kind; a caller that stopped
-    /// waiting is no error).
-    fn send(self, answer: Answer) {
-        match (self, answer) {
-            (Reply::Group(reply), Answer::Group(outcome)) => {
+impl Answered {
+    /// Sends the answer (a caller that stopped waiting is no error).
+    fn send(self) {
+        match self {
+            Answered::Group(reply, outcome) => {
                 let _ = reply.send(outcome);
             }
-            (Reply::LastSeen(reply), Answer::LastSeen(result)) => {
+            Answered::LastSeen(reply, result) => {
                 let _ = reply.send(result);
             }
-            // Dropping the sender tells the caller the stage failed it.
-            _ => warn!("commit answer of the wrong kind"),
         }
     }
 }
 
 /// One round's answers, for the task that sends them.
-type Answers = Vec<(Reply, Answer)>;
+type Answers = Vec<Answered>;
 
 /// Rounds whose answers may wait for the answering task (past it, a round
 /// sends its own; rounds are serial, so two are plenty).
@@ -209,9 +206,7 @@ async fn run(store: Store, rx: mpsc::Receiver<Job>, meters: Arc<Meters>) {
     let (answers, mut to_answer) = mpsc::channel::<Answers>(ANSWER_QUEUE);
     tokio::spawn(async move {
         while let Some(round) = to_answer.recv().await {
-            for (reply, answer) in round {
-                reply.send(answer);
-            }
+            round.into_iter().for_each(Answered::send);
         }
     });
     // Rounds run one at a time even on an engine with several write
@@ -324,12 +319,11 @@ fn round(
             let mut outcomes = outcomes.into_iter();
             jobs.into_iter()
                 .filter_map(|job| {
-                    let answer = match &job.reply {
+                    Some(match job.reply {
                         // One outcome per group job, in job order.
-                        Reply::Group(_) => Answer::Group(outcomes.next()?),
-                        Reply::LastSeen(_) => Answer::LastSeen(Ok(())),
-                    };
-                    Some((job.reply, answer))
+                        Reply::Group(reply) => Answered::Group(reply, outcomes.next()?),
+                        Reply::LastSeen(reply) => Answered::LastSeen(reply, Ok(())),
+                    })
                 })
                 .collect()
         }
@@ -340,12 +334,11 @@ fn round(
             };
             warn!(error = %err, jobs = jobs.len(), "commit transaction failed");
             jobs.into_iter()
-                .map(|job| {
-                    let answer = match &job.reply {
-                        Reply::Group(_) => Answer::Group(Err(CommitFailure::Storage(err.clone()))),
-                        Reply::LastSeen(_) => Answer::LastSeen(Err(err.clone())),
-                    };
-                    (job.reply, answer)
+                .map(|job| match job.reply {
+                    Reply::Group(reply) => {
+                        Answered::Group(reply, Err(CommitFailure::Storage(err.clone())))
+                    }
+                    Reply::LastSeen(reply) => Answered::LastSeen(reply, Err(err.clone())),
                 })
                 .collect()
         }
@@ -353,9 +346,7 @@ fn round(
     if let Err(mpsc::error::TrySendError::Full(round) | mpsc::error::TrySendError::Closed(round)) =
         answers.try_send(round)
     {
-        for (reply, answer) in round {
-            reply.send(answer);
-        }
+        round.into_iter().for_each(Answered::send);
     }
 }
 
