@@ -105,6 +105,11 @@ fn last_key(kv: &dyn Kv, begin: &[u8], end: &[u8]) -> Option<Vec<u8>> {
     read::<_, ()>(kv, |t| Ok(t.last_key(begin, end)?)).expect("last key")
 }
 
+/// An owned value, as reads return it.
+fn some(v: &[u8]) -> Option<Vec<u8>> {
+    Some(v.to_vec())
+}
+
 /// A key and the last key of a range, read in a read-write transaction
 /// (where the embedded engine's writer may answer from what it remembers).
 fn rw_read(
@@ -790,7 +795,6 @@ fn writer_reads_follow_writes(kv: &dyn Kv, p: &[u8]) {
     let key = k(p, b"fence");
     let (begin, end) = (k(p, b"log/"), k(p, b"log0"));
     let log = |n: u8| k(p, &[b'l', b'o', b'g', b'/', n]);
-    let some = |v: &[u8]| Some(v.to_vec());
     assert_eq!(rw_read(kv, &key, &begin, &end), (None, None));
     put(kv, &key, b"1");
     put(kv, &log(1), b"x");
@@ -1100,7 +1104,6 @@ fn sqlite_writer_reads_see_other_instances() {
     let (_dir, path) = temp_db();
     let one = SqliteKv::open(&path, SqliteOptions::default()).expect("open one");
     let two = SqliteKv::open(&path, SqliteOptions::default()).expect("open two");
-    let some = |v: &[u8]| Some(v.to_vec());
     put(&one, b"e", b"1");
     put(&one, b"log/1", b"x");
     let read_one = || rw_read(&one, b"e", b"log/", b"log0");

@@ -163,12 +163,12 @@ impl ReadCache {
     /// The transaction deleted `key`.
     pub fn cleared(&mut self, key: &[u8]) {
         self.values.remove(key);
-        let start = match self.before_or_at(key) {
-            Some((start, last)) if key < last.end.as_slice() => start.to_vec(),
-            _ => return,
-        };
-        // Deleting a range's last key leaves its new last key unknown.
-        if self.lasts.get(&start).and_then(|l| l.key.as_deref()) == Some(key) {
+        // Deleting a range's last key leaves its new last key unknown. (A
+        // range's last key lies inside it, so matching it is enough.)
+        if let Some((start, last)) = self.before_or_at(key)
+            && last.key.as_deref() == Some(key)
+        {
+            let start = start.to_vec();
             self.lasts.remove(&start);
         }
     }

@@ -315,14 +315,18 @@ impl Kv for SqliteKv {
             };
             Ok(())
         })?;
-        if txn.cache().is_some() {
+        if mode == TxMode::ReadWrite
+            && let Some(Conn {
+                prepared,
+                cache: Some(cache),
+            }) = txn.conn.as_mut()
+        {
             // Read inside the write lock: no other connection can commit
             // until this transaction ends.
-            let version =
-                txn.with(|_, st| Ok(st.data_version.query_row([], |r| r.get::<_, i64>(0))?))?;
-            if let Some(cache) = txn.cache() {
-                cache.begin(version);
-            }
+            let version = prepared.with_dependent_mut(|_, st| {
+                st.data_version.query_row([], |r| r.get::<_, i64>(0))
+            })?;
+            cache.begin(version);
         }
         Ok(Box::new(txn))
     }
