@@ -1032,11 +1032,18 @@ fn sqlite_concurrent_open_of_a_new_file() {
     assert_eq!(all(&kv, b"k").len(), 4);
 }
 
-#[test]
-fn sqlite_two_instances_on_one_file() {
-    let (_dir, path) = temp_db();
+/// Two instances of the engine on one new file (to SQLite, two processes'
+/// connections), with the directory that holds it.
+fn two_instances() -> (tempfile::TempDir, SqliteKv, SqliteKv) {
+    let (dir, path) = temp_db();
     let one = SqliteKv::open(&path, SqliteOptions::default()).expect("open one");
     let two = SqliteKv::open(&path, SqliteOptions::default()).expect("open two");
+    (dir, one, two)
+}
+
+#[test]
+fn sqlite_two_instances_on_one_file() {
+    let (_dir, one, two) = two_instances();
 
     put(&one, b"a", b"from one");
     assert_eq!(
@@ -1101,9 +1108,7 @@ fn sqlite_two_instances_on_one_file() {
 /// last key or removed one.
 #[test]
 fn sqlite_writer_reads_see_other_instances() {
-    let (_dir, path) = temp_db();
-    let one = SqliteKv::open(&path, SqliteOptions::default()).expect("open one");
-    let two = SqliteKv::open(&path, SqliteOptions::default()).expect("open two");
+    let (_dir, one, two) = two_instances();
     put(&one, b"e", b"1");
     put(&one, b"log/1", b"x");
     let read_one = || rw_read(&one, b"e", b"log/", b"log0");
@@ -1130,9 +1135,7 @@ fn sqlite_writer_reads_see_other_instances() {
 
 #[test]
 fn sqlite_lock_wait_ends_in_timeout() {
-    let (_dir, path) = temp_db();
-    let one = SqliteKv::open(&path, SqliteOptions::default()).expect("open one");
-    let two = SqliteKv::open(&path, SqliteOptions::default()).expect("open two");
+    let (_dir, one, two) = two_instances();
     crate::sqlite::set_busy_deadline_for_this_thread(Duration::from_millis(200));
     let mut holder = one.begin(TxMode::ReadWrite).expect("begin");
     holder.set(b"held", b"1").expect("set");
