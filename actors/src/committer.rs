@@ -24,7 +24,7 @@
 //! among busy workers): 9% of its time over 1,000 groups
 //! (docs/benchmarks.md, round 25).
 //!
-//! Who talks to it: group actors, through [`Committer::submit`], and
+//! Who talks to it: group actors, through [`Committer::try_submit`], and
 //! presence actors, through [`Committer::last_seen`]. A round never holds
 //! more than [`MAX_JOBS`] jobs or [`MAX_ENTRIES`] log entries; the queue
 //! is bounded ([`QUEUE`]), so a flood of commits slows the writers down
@@ -37,13 +37,14 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
+use ractor::ActorRef;
 use storage::model::Model;
 use storage::{Kv, TxError, Txn};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::error::{ChatError, ChatResult};
-use crate::group::{CommitFailure, CommitOutcome, SendRecord, Writes};
+use crate::group::{CommitFailure, CommitOutcome, GroupMessage, SendRecord, Writes};
 use crate::meters::Meters;
 use crate::store::Store;
 
@@ -68,13 +69,13 @@ enum Work {
 
 /// Who waits for a job.
 enum Reply {
-    Group(oneshot::Sender<Outcome>),
+    Group(GroupReply),
     LastSeen(oneshot::Sender<ChatResult<()>>),
 }
 
 /// A job's [`Reply`] with its answer, ready to send.
 enum Answered {
-    Group(oneshot::Sender<Outcome>, Outcome),
+    Group(GroupReply, Outcome),
     LastSeen(oneshot::Sender<ChatResult<()>>, ChatResult<()>),
 }
 
@@ -82,13 +83,64 @@ impl Answered {
     /// Sends the answer (a caller that stopped waiting is no error).
     fn send(self) {
         match self {
-            Answered::Group(reply, outcome) => {
-                let _ = reply.send(outcome);
-            }
+            Answered::Group(reply, outcome) => reply.send(outcome),
             Answered::LastSeen(reply, result) => {
                 let _ = reply.send(result);
             }
         }
+    }
+}
+
+/// Tells a group actor how its batch ended, as
+/// [`GroupMessage::Committed`]: one cast straight to its mailbox, instead
+/// of a task per batch that waited for the answer and cast it (that task,
+/// its spawn and its two channels were ~5% of the tokio workers' time over
+/// 1,000 groups; docs/benchmarks.md, round 26).
+///
+/// Invariant: the actor hears of its batch exactly once. Dropped
+/// unanswered (the stage stopped, or lost a round with its jobs), it tells
+/// the actor that the stage stopped, as a dropped channel did before.
+pub struct GroupReply {
+    group: Option<ActorRef<GroupMessage>>,
+    id: u64,
+}
+
+impl GroupReply {
+    /// A reply to `group` for its commit `id`.
+    pub fn new(group: ActorRef<GroupMessage>, id: u64) -> Self {
+        GroupReply {
+            group: Some(group),
+            id,
+        }
+    }
+
+    /// Casts the outcome (an actor that stopped is no error).
+    fn send(mut self, outcome: Outcome) {
+        if let Some(group) = self.group.take() {
+            let _ = group.cast(GroupMessage::Committed(self.id, outcome));
+        }
+    }
+}
+
+impl Drop for GroupReply {
+    fn drop(&mut self) {
+        if let Some(group) = self.group.take() {
+            let outcome = Err(CommitFailure::Storage(stopped()));
+            let _ = group.cast(GroupMessage::Committed(self.id, outcome));
+        }
+    }
+}
+
+/// One group's batch for the stage, with who to tell ([`Committer::try_submit`]).
+pub struct GroupJob(Job);
+
+impl GroupJob {
+    /// A job for `writes`; its outcome goes to `reply`.
+    pub fn new(writes: Arc<Writes>, reply: GroupReply) -> Self {
+        GroupJob(Job {
+            work: Work::Group(writes),
+            reply: Reply::Group(reply),
+        })
     }
 }
 
@@ -99,6 +151,7 @@ type Answers = Vec<Answered>;
 /// sends its own; rounds are serial, so two are plenty).
 const ANSWER_QUEUE: usize = 4;
 
+/// One queued job and who waits for it.
 struct Job {
     work: Work,
     reply: Reply,
@@ -128,21 +181,25 @@ impl Committer {
         Committer { tx }
     }
 
-    /// Queues one group's batch (waiting while the stage's queue is full);
-    /// the returned [`Committing`] resolves once it is durable (or
-    /// rejected). Batches are committed in the order they were queued, so a
-    /// group that queues its next batch only after this returns gets its
-    /// batches committed in order.
-    pub async fn submit(&self, writes: Arc<Writes>) -> Committing {
-        let (reply, rx) = oneshot::channel();
-        let job = Job {
-            work: Work::Group(writes),
-            reply: Reply::Group(reply),
-        };
-        match self.tx.send(job).await {
-            Ok(()) => Committing(Some(rx)),
-            Err(_) => Committing(None),
+    /// Queues one group's batch if the stage's queue has room; once it is
+    /// durable (or rejected), its reply tells the group actor. Batches are
+    /// committed in the order they were queued. A stopped stage answers at
+    /// once (with `CommitFailure::Storage`); a full queue hands the job
+    /// back, for [`Committer::submit`].
+    pub fn try_submit(&self, job: GroupJob) -> Result<(), GroupJob> {
+        match self.tx.try_send(job.0) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(job)) => Err(GroupJob(job)),
+            // Dropping the job's reply answers that the stage stopped.
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
         }
+    }
+
+    /// Queues one group's batch, waiting while the stage's queue is full
+    /// (see [`Committer::try_submit`]).
+    pub async fn submit(&self, job: GroupJob) {
+        // Err: the stage stopped; dropping the job's reply answers so.
+        let _ = self.tx.send(job.0).await;
     }
 
     /// Records that `user` was last seen at `ms`; resolves once durable.
@@ -154,21 +211,6 @@ impl Committer {
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
-    }
-}
-
-/// A queued batch's outcome, to come (see [`Committer::submit`]).
-pub struct Committing(Option<oneshot::Receiver<Outcome>>);
-
-impl Committing {
-    /// Waits for the transaction that holds the batch.
-    pub async fn outcome(self) -> Outcome {
-        match self.0 {
-            Some(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(CommitFailure::Storage(stopped()))),
-            None => Err(CommitFailure::Storage(stopped())),
-        }
     }
 }
 

@@ -38,8 +38,10 @@ use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use storage::model::{DedupeRecord, GroupMeta, LogQuery, MemberRecord, role};
 use tokio::sync::oneshot;
+use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{debug, info, warn};
 
+use crate::committer::{GroupJob, GroupReply};
 use crate::error::{ChatError, ChatResult};
 use crate::ids::{GroupId, UserId};
 use crate::outbound::{ReplyTo, SharedPush};
@@ -223,7 +225,9 @@ pub struct GroupState {
     in_flight: VecDeque<InFlight>,
     /// Id of the next commit.
     next_flight: u64,
-    /// Resolves once the last commit started is in the stage's queue.
+    /// Resolves once the last commit that could not be queued at once
+    /// (the stage's queue was full) is in the stage's queue; until then,
+    /// later commits queue behind it (see `queue_commit`).
     queued: Option<oneshot::Receiver<()>>,
     dirty: HashSet<UserId>,
     pointer_waiters: Vec<ReplyTo>,
@@ -774,26 +778,9 @@ impl GroupState {
         batch.writes.pointers = pointers.into_iter().collect();
         self.index_dedupes(&mut batch.writes);
         let writes = batch.shared_writes();
-        let committer = self.router.committer().clone();
-        let me = myself.clone();
-        let job = writes.clone();
         let id = self.next_flight;
         self.next_flight += 1;
-        // Queued into the stage in plan order: each commit's task waits
-        // until the one before it is queued (a batch checked before the one
-        // ahead of it would find the head unmoved).
-        let (queued, queued_rx) = oneshot::channel::<()>();
-        let ahead = self.queued.replace(queued_rx);
-        tokio::spawn(async move {
-            if let Some(ahead) = ahead {
-                // Err: that task ended (it queued, or the stage is gone).
-                let _ = ahead.await;
-            }
-            let committing = committer.submit(job).await;
-            let _ = queued.send(());
-            let result = committing.outcome().await;
-            let _ = me.cast(GroupMessage::Committed(id, result));
-        });
+        self.queue_commit(myself, writes.clone(), id);
         if behind {
             self.router.meters().pipelined.increment(1);
         }
@@ -807,6 +794,40 @@ impl GroupState {
             pointer_waiters,
             flushed,
             sender_pointers,
+        });
+    }
+
+    /// Queues commit `id` into the node's commit stage, in plan order (a
+    /// batch checked before the one ahead of it would find the head
+    /// unmoved): straight from here while the stage's queue has room and no
+    /// earlier batch is still waiting for it; else by a task that waits for
+    /// the one before it, then for room. The stage casts the outcome to
+    /// this actor.
+    fn queue_commit(&mut self, myself: &ActorRef<GroupMessage>, writes: Arc<Writes>, id: u64) {
+        let committer = self.router.committer().clone();
+        let job = GroupJob::new(writes, GroupReply::new(myself.clone(), id));
+        let mut ahead = self.queued.take();
+        if let Some(rx) = &mut ahead
+            && !matches!(rx.try_recv(), Err(TryRecvError::Empty))
+        {
+            // Ok or Closed: that task ended (it queued, or the stage is gone).
+            ahead = None;
+        }
+        let job = match ahead {
+            None => match committer.try_submit(job) {
+                Ok(()) => return,
+                Err(job) => job,
+            },
+            Some(_) => job,
+        };
+        let (queued, queued_rx) = oneshot::channel::<()>();
+        self.queued = Some(queued_rx);
+        tokio::spawn(async move {
+            if let Some(ahead) = ahead {
+                let _ = ahead.await;
+            }
+            committer.submit(job).await;
+            let _ = queued.send(());
         });
     }
 
