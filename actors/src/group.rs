@@ -356,6 +356,7 @@ impl Actor for Group {
             .map_err(|e| format!("loading group {}: {e}", state.id))?;
         if let Some((meta, epoch, head, members, indexed, end)) = loaded {
             state.indexed = indexed;
+            state.sends.set_watermark(indexed);
             let recent_from = end.len().saturating_sub(receipts::RECENT);
             for (i, (seq, body)) in end.into_iter().enumerate() {
                 let msg = match v1::Message::decode(&body[..]) {
@@ -1015,7 +1016,7 @@ impl GroupState {
             meta.member_count = self.members.len() as u32;
         }
         if let Some(upto) = writes.indexed {
-            self.sends.indexed(&writes.index);
+            self.sends.indexed(&writes.index, upto);
             self.indexed = upto;
         }
         for send in &writes.sends {

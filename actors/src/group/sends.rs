@@ -10,14 +10,24 @@
 //! 1,000-group durable appends (docs/benchmarks.md, round 13).
 //!
 //! Its tables use SipHash under a random key (std's `RandomState`), because
-//! clients choose the keys. Of its three sets, only `unindexed` must be
-//! exact: a committed send without a stored record is known nowhere else,
-//! so this module must never lose one. The waiting set may hold extra
-//! entries (the group confirms a hit by scanning its waiters), and the
-//! recent cache may forget entries (whatever it forgets is in storage or in
-//! `unindexed`).
+//! clients choose the keys. The committed sends it knows are in one table,
+//! `known`: the recent ones and every one whose record may be missing
+//! (`unindexed`, also kept as a list in commit order, for the batch that
+//! writes them). A send is looked up with one probe, and remembered with
+//! one insert. Until round 26 the two were separate tables, probed one
+//! after the other for every send and both written for most commits: the
+//! module was then ~11% of the tokio workers' samples over 1,000 groups
+//! (docs/benchmarks.md, round 26).
+//!
+//! Only what it knows of unindexed sends must be exact: a committed send
+//! without a stored record is known nowhere else, so this module must
+//! never lose one. It forgets a known send only when its seq is at or
+//! below the dedupe watermark (`indexed`), below which every committed send
+//! has its record in storage (`GroupState`'s invariants). The waiting set
+//! may hold extra entries (the group confirms a hit by scanning its
+//! waiters).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
@@ -61,19 +71,26 @@ impl Known {
 /// Invariants:
 /// - Every send waiting for a commit has its hash in `waiting`. The set may
 ///   hold others too: answered sends leave it only when it is rebuilt.
+/// - `known` holds at most one entry per key, and `order` a `(hash, seq)`
+///   for each entry's current outcome, in the order they were remembered
+///   (and stale ones, for outcomes since replaced, which match no entry).
 /// - `unindexed` holds each committed send whose dedupe record may be
-///   missing from storage, once (see `GroupState`'s invariants).
-/// - `recent` holds at most one entry per key, and `recent_order` the hash
-///   of each of its entries, oldest first; neither outgrows `cap`.
+///   missing from storage, once, in commit order; each is in `known`.
+/// - An entry leaves `known` only through the front of `order`, once
+///   `order` holds more than `cap` and the entry's seq is ≤ `indexed`. So
+///   `known` outgrows `cap` by at most the sends past the watermark, which
+///   the group keeps within about `DEDUPE_LAG` plus the batches in flight.
 #[derive(Debug)]
 pub struct Sends {
     /// How many recent sends are remembered (`tuning.dedupe_cache`).
     cap: usize,
     hasher: RandomState,
     waiting: HashTable<u64>,
-    recent: HashTable<Known>,
-    recent_order: VecDeque<u64>,
-    unindexed: HashTable<Known>,
+    known: HashTable<Known>,
+    order: VecDeque<(u64, u64)>,
+    unindexed: Vec<SendRecord>,
+    /// The group's dedupe watermark, as this module was last told.
+    indexed: u64,
 }
 
 impl Sends {
@@ -83,9 +100,10 @@ impl Sends {
             cap,
             hasher: RandomState::new(),
             waiting: HashTable::new(),
-            recent: HashTable::new(),
-            recent_order: VecDeque::new(),
-            unindexed: HashTable::new(),
+            known: HashTable::new(),
+            order: VecDeque::new(),
+            unindexed: Vec::new(),
+            indexed: 0,
         }
     }
 
@@ -97,10 +115,8 @@ impl Sends {
     /// The outcome of a committed send, if it is remembered: it is always
     /// remembered while its record may be missing from storage.
     pub fn committed(&self, hash: SendHash, user: &UserId, cmid: &str) -> Option<&DedupeRecord> {
-        let found = |k: &Known| k.hash == hash.0 && k.is(user, cmid);
-        self.recent
-            .find(hash.0, found)
-            .or_else(|| self.unindexed.find(hash.0, found))
+        self.known
+            .find(hash.0, |k| k.hash == hash.0 && k.is(user, cmid))
             .map(|k| &k.rec)
     }
 
@@ -131,80 +147,96 @@ impl Sends {
         }
     }
 
-    /// A send was committed: it is remembered as a recent send (the oldest
-    /// beyond `cap` are forgotten) and, when its record is not written yet
-    /// (`deferred`), as unindexed.
+    /// The group's stored dedupe watermark, read when it was loaded.
+    pub fn set_watermark(&mut self, indexed: u64) {
+        self.indexed = indexed;
+    }
+
+    /// A send was committed: it is remembered (the oldest beyond `cap`
+    /// whose records are stored are forgotten) and, when its record is not
+    /// written yet (`deferred`), listed as unindexed.
     pub fn committed_send(&mut self, send: &SendRecord, deferred: bool) {
         let hash = self.hash(&send.0, &send.1);
-        self.remember_hashed(hash, send);
+        self.put(hash, send);
         if deferred {
-            Self::put(&mut self.unindexed, hash, send);
+            self.unindexed.push(send.clone());
         }
     }
 
-    /// Remembers a committed send as a recent one, forgetting the oldest
-    /// beyond `cap`.
+    /// Remembers a send whose record is in storage (a retry of a send
+    /// committed before this actor loaded the group).
     pub fn remember(&mut self, send: &SendRecord) {
         let hash = self.hash(&send.0, &send.1);
-        self.remember_hashed(hash, send);
-    }
-
-    fn remember_hashed(&mut self, hash: SendHash, send: &SendRecord) {
-        if Self::put(&mut self.recent, hash, send) {
-            self.recent_order.push_back(hash.0);
-        }
-        while self.recent_order.len() > self.cap {
-            let Some(old) = self.recent_order.pop_front() else {
-                break;
-            };
-            // Two keys with one hash: either entry may go, the cache only
-            // gets smaller; the other goes with the other copy of the hash.
-            if let Ok(entry) = self.recent.find_entry(old, |k| k.hash == old) {
-                entry.remove();
-            }
-        }
+        self.put(hash, send);
     }
 
     /// Records a committed send whose record is not written yet (loading
-    /// reads them from the log's tail).
+    /// reads them from the log's tail, past the watermark).
     pub fn defer(&mut self, send: &SendRecord) {
-        let hash = self.hash(&send.0, &send.1);
-        Self::put(&mut self.unindexed, hash, send);
+        self.committed_send(send, true);
     }
 
-    /// Inserts or updates `send` in `table`; true if it was new.
-    fn put(table: &mut HashTable<Known>, hash: SendHash, send: &SendRecord) -> bool {
+    /// Inserts `send` into `known`, or updates its outcome, then forgets
+    /// what it may beyond `cap`.
+    fn put(&mut self, hash: SendHash, send: &SendRecord) {
         let (user, cmid, rec) = send;
         let found = |k: &Known| k.hash == hash.0 && k.is(user, cmid);
-        match table.entry(hash.0, found, |k| k.hash) {
+        match self.known.entry(hash.0, found, |k| k.hash) {
             Entry::Occupied(mut k) => {
+                if k.get().rec == *rec {
+                    return;
+                }
                 k.get_mut().rec = rec.clone();
-                false
             }
             Entry::Vacant(v) => {
                 v.insert(Known::new(hash, send));
-                true
             }
         }
+        self.order.push_back((hash.0, rec.seq));
+        self.forget_oldest();
     }
 
-    /// The records of `sends` are written: they are no longer unindexed.
-    pub fn indexed(&mut self, sends: &[SendRecord]) {
-        if sends.len() == self.unindexed.len() {
-            // All of them: `unindexed` holds each key once, and every one
-            // of `sends` came from it.
-            self.unindexed.clear();
-            return;
-        }
-        for (user, cmid, _) in sends {
-            let hash = self.hash(user, cmid);
+    /// Forgets the oldest entries beyond `cap`, as long as their records
+    /// are stored (seq at or below the watermark); the rest wait for the
+    /// watermark to pass them.
+    fn forget_oldest(&mut self) {
+        while self.order.len() > self.cap {
+            let Some(&(hash, seq)) = self.order.front() else {
+                break;
+            };
+            if seq > self.indexed {
+                break;
+            }
+            self.order.pop_front();
+            // (hash, seq) names one outcome of one send: a stale pair (the
+            // send's outcome changed since) matches nothing.
             if let Ok(entry) = self
-                .unindexed
-                .find_entry(hash.0, |k| k.hash == hash.0 && k.is(user, cmid))
+                .known
+                .find_entry(hash, |k| k.hash == hash && k.rec.seq == seq)
             {
                 entry.remove();
             }
         }
+    }
+
+    /// The records of `sends` are written and the watermark is now `upto`:
+    /// they are no longer unindexed, and what the watermark passed may be
+    /// forgotten.
+    pub fn indexed(&mut self, sends: &[SendRecord], upto: u64) {
+        let n = sends.len();
+        let same = |a: &SendRecord, b: &SendRecord| a.0 == b.0 && a.1 == b.1;
+        if n <= self.unindexed.len() && self.unindexed.iter().zip(sends).all(|(a, b)| same(a, b)) {
+            // The batch that wrote them listed every unindexed send when it
+            // was planned: the oldest ones now.
+            self.unindexed.drain(..n);
+        } else {
+            let written: HashSet<(&UserId, &str)> =
+                sends.iter().map(|(u, c, _)| (u, &**c)).collect();
+            self.unindexed
+                .retain(|(u, c, _)| !written.contains(&(u, &**c)));
+        }
+        self.indexed = self.indexed.max(upto);
+        self.forget_oldest();
     }
 
     /// How many committed sends may lack their record.
@@ -214,10 +246,7 @@ impl Sends {
 
     /// The committed sends that may lack their record, for a batch to write.
     pub fn unindexed(&self) -> Vec<SendRecord> {
-        self.unindexed
-            .iter()
-            .map(|k| (k.user.clone(), k.cmid.clone(), k.rec.clone()))
-            .collect()
+        self.unindexed.clone()
     }
 }
 
@@ -250,27 +279,70 @@ mod tests {
         // A second commit of the key updates its outcome, not a copy.
         s.committed_send(&send("alice", "m1", 7), false);
         assert_eq!(lookup(&s, &a), Some(7));
-        assert_eq!(s.recent.len(), 1);
-        assert_eq!(s.recent_order.len(), 1);
+        assert_eq!(s.known.len(), 1);
+        // The same outcome again adds nothing to forget.
+        s.committed_send(&send("alice", "m1", 7), false);
+        assert_eq!(s.order.len(), 2);
     }
 
     #[test]
-    fn the_recent_cache_forgets_the_oldest_but_unindexed_sends_stay() {
+    fn the_oldest_are_forgotten_once_the_watermark_passes_them() {
         let mut s = Sends::new(3);
         let sends: Vec<_> = (1..=5).map(|i| send("u", &format!("c{i}"), i)).collect();
         s.committed_send(&sends[0], true);
         for x in &sends[1..] {
+            // Recorded by their own batches, but past the watermark (0).
             s.committed_send(x, false);
         }
-        assert_eq!(s.recent.len(), 3);
-        // c1 left the cache but was never indexed: still known.
+        // Nothing is forgotten above the watermark.
+        assert_eq!(s.known.len(), 5);
         assert_eq!(lookup(&s, &sends[0]), Some(1));
-        // c2 left the cache and has its record: forgotten.
-        assert_eq!(lookup(&s, &sends[1]), None);
-        assert_eq!(lookup(&s, &sends[4]), Some(5));
-        s.indexed(&s.unindexed());
+        assert_eq!(s.unindexed_len(), 1);
+        s.indexed(&s.unindexed(), 5);
         assert_eq!(s.unindexed_len(), 0);
+        // Now the two oldest go, down to the cap.
+        assert_eq!(s.known.len(), 3);
         assert_eq!(lookup(&s, &sends[0]), None);
+        assert_eq!(lookup(&s, &sends[1]), None);
+        assert_eq!(lookup(&s, &sends[2]), Some(3));
+        assert_eq!(lookup(&s, &sends[4]), Some(5));
+    }
+
+    #[test]
+    fn an_unindexed_send_stays_however_many_follow() {
+        let mut s = Sends::new(2);
+        s.set_watermark(10);
+        let old: Vec<_> = (1..=3).map(|i| send("u", &format!("o{i}"), i)).collect();
+        for x in &old {
+            s.committed_send(x, false);
+        }
+        let late = send("u", "late", 11);
+        s.committed_send(&late, true);
+        for i in 12..=40 {
+            s.committed_send(&send("v", &format!("n{i}"), i), false);
+        }
+        // The old ones went; the unindexed one and everything after it
+        // waits for the watermark.
+        assert_eq!(lookup(&s, &old[0]), None);
+        assert_eq!(lookup(&s, &late), Some(11));
+        assert_eq!(s.known.len(), 30);
+        s.indexed(&s.unindexed(), 40);
+        assert_eq!(s.known.len(), 2);
+        assert_eq!(lookup(&s, &late), None);
+    }
+
+    #[test]
+    fn a_replaced_outcome_is_not_forgotten_by_its_old_place_in_line() {
+        let mut s = Sends::new(1);
+        s.set_watermark(1);
+        let first = send("u", "a", 1);
+        s.committed_send(&first, false);
+        // The same key committed again past the watermark, unindexed.
+        let again = send("u", "a", 3);
+        s.committed_send(&again, true);
+        s.committed_send(&send("u", "b", 4), false);
+        // (a, 1) left the line, but matched no entry: a is still known.
+        assert_eq!(lookup(&s, &again), Some(3));
     }
 
     #[test]
@@ -284,15 +356,24 @@ mod tests {
         assert_eq!(written.len(), 3);
         // A send committed after the batch that writes them was planned.
         s.committed_send(&sends[3], true);
-        s.indexed(&written);
+        s.indexed(&written, 3);
         assert_eq!(s.unindexed_len(), 1);
         assert_eq!(lookup(&s, &sends[3]), Some(4));
         assert_eq!(lookup(&s, &sends[0]), None);
+        // Written out of order (not the oldest): exactly those go.
+        let (a, b) = (send("u", "d5", 5), send("u", "d6", 6));
+        s.committed_send(&a, true);
+        s.committed_send(&b, true);
+        s.indexed(std::slice::from_ref(&a), 3);
+        let left: Vec<_> = s.unindexed().into_iter().map(|x| x.2.seq).collect();
+        assert_eq!(left, vec![4, 6]);
         // Loading defers what the log's tail holds past the watermark.
-        s.defer(&sends[0]);
-        assert_eq!(lookup(&s, &sends[0]), Some(1));
-        s.indexed(&s.unindexed());
+        let tail = send("u", "t7", 7);
+        s.defer(&tail);
+        assert_eq!(lookup(&s, &tail), Some(7));
+        s.indexed(&s.unindexed(), 7);
         assert_eq!(s.unindexed_len(), 0);
+        assert_eq!(s.known.len(), 0);
     }
 
     #[test]
