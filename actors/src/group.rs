@@ -805,7 +805,6 @@ impl GroupState {
     /// the one before it, then for room. The stage casts the outcome to
     /// this actor.
     fn queue_commit(&mut self, myself: &ActorRef<GroupMessage>, writes: Arc<Writes>, id: u64) {
-        let committer = self.router.committer().clone();
         let job = GroupJob::new(writes, GroupReply::new(myself.clone(), id));
         let mut ahead = self.queued.take();
         if let Some(rx) = &mut ahead
@@ -815,12 +814,14 @@ impl GroupState {
             ahead = None;
         }
         let job = match ahead {
-            None => match committer.try_submit(job) {
+            None => match self.router.committer().try_submit(job) {
                 Ok(()) => return,
                 Err(job) => job,
             },
             Some(_) => job,
         };
+        // Cloned only here: every group of the node shares the stage's sender.
+        let committer = self.router.committer().clone();
         let (queued, queued_rx) = oneshot::channel::<()>();
         self.queued = Some(queued_rx);
         tokio::spawn(async move {
