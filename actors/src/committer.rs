@@ -116,18 +116,21 @@ impl GroupReply {
 
     /// Casts the outcome (an actor that stopped is no error).
     fn send(mut self, outcome: Outcome) {
+        self.tell(|| outcome);
+    }
+
+    /// Casts the outcome unless the actor was told already (the error of
+    /// a drop is built only then).
+    fn tell(&mut self, outcome: impl FnOnce() -> Outcome) {
         if let Some(group) = self.group.take() {
-            let _ = group.cast(GroupMessage::Committed(self.id, outcome));
+            let _ = group.cast(GroupMessage::Committed(self.id, outcome()));
         }
     }
 }
 
 impl Drop for GroupReply {
     fn drop(&mut self) {
-        if let Some(group) = self.group.take() {
-            let outcome = Err(CommitFailure::Storage(stopped()));
-            let _ = group.cast(GroupMessage::Committed(self.id, outcome));
-        }
+        self.tell(|| Err(CommitFailure::Storage(stopped())));
     }
 }
 
