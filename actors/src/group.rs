@@ -208,9 +208,10 @@ impl Member {
 /// - Every pointer in `members` is ≤ `head`, and never decreases.
 /// - `dirty` ⊆ keys of `members`: members whose pointers changed since the
 ///   last pointer write; `pointer_waiters` are answered when they are written.
-/// - Every send committed with a seq ≤ `indexed` has its dedupe record in
-///   storage, where `indexed` is the stored watermark; every committed send
-///   without one is in `unindexed` (all after `indexed`, up to `head`). It
+/// - Every send committed with a seq ≤ the stored dedupe watermark (kept
+///   by `sends`: `Sends::watermark`) has its dedupe record in storage;
+///   every committed send without one is in `sends`' unindexed list (all
+///   after the watermark, up to `head`). It
 ///   may hold some that have one too: the log tail read at loading does
 ///   not tell them apart, and rewriting a record is harmless. At most one
 ///   commit in flight moves the watermark.
@@ -233,11 +234,10 @@ pub struct GroupState {
     pointer_waiters: Vec<ReplyTo>,
     flush_scheduled: bool,
     /// The sends waiting in `pending` or `in_flight` (a superset), the
-    /// recent ones, and the committed sends after `indexed` whose records
-    /// may still be missing (its `unindexed`).
+    /// recent ones, and the committed sends after the stored dedupe
+    /// watermark (which it keeps) whose records may still be missing (its
+    /// `unindexed`).
     sends: Sends,
-    /// The stored dedupe watermark (see the invariants).
-    indexed: u64,
     /// Last forwarded typing indicator per user.
     typing: HashMap<UserId, Instant>,
     /// Pointer counts and pending receipt pushes; describes exactly the
@@ -308,7 +308,6 @@ impl Actor for Group {
             pointer_waiters: Vec::new(),
             flush_scheduled: false,
             sends: Sends::new(dedupe_cache),
-            indexed: 0,
             typing: HashMap::new(),
             receipts: Receipts::default(),
             receipts_scheduled: false,
@@ -355,7 +354,6 @@ impl Actor for Group {
             .await
             .map_err(|e| format!("loading group {}: {e}", state.id))?;
         if let Some((meta, epoch, head, members, indexed, end)) = loaded {
-            state.indexed = indexed;
             state.sends.set_watermark(indexed);
             let recent_from = end.len().saturating_sub(receipts::RECENT);
             for (i, (seq, body)) in end.into_iter().enumerate() {
@@ -1018,7 +1016,6 @@ impl GroupState {
         }
         if let Some(upto) = writes.indexed {
             self.sends.indexed(&writes.index, upto);
-            self.indexed = upto;
         }
         for send in &writes.sends {
             self.sends.committed_send(send, !writes.record_sends);
@@ -1067,7 +1064,7 @@ impl GroupState {
         writes.record_sends = writes.sends.len() >= DEDUPE_DIRECT;
         let due = writes.record_sends
             || self.sends.unindexed_len() >= DEDUPE_FLUSH
-            || self.head - self.indexed >= DEDUPE_LAG;
+            || self.head - self.sends.watermark() >= DEDUPE_LAG;
         if !due || self.in_flight.iter().any(|f| f.writes.indexed.is_some()) {
             return;
         }

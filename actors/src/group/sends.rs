@@ -89,7 +89,8 @@ pub struct Sends {
     known: HashTable<Known>,
     order: VecDeque<(u64, u64)>,
     unindexed: Vec<SendRecord>,
-    /// The group's dedupe watermark, as this module was last told.
+    /// The group's stored dedupe watermark: every committed send at or
+    /// below it has its record in storage.
     indexed: u64,
 }
 
@@ -152,6 +153,11 @@ impl Sends {
         self.indexed = indexed;
     }
 
+    /// The group's stored dedupe watermark.
+    pub fn watermark(&self) -> u64 {
+        self.indexed
+    }
+
     /// A send was committed: it is remembered (the oldest beyond `cap`
     /// whose records are stored are forgotten) and, when its record is not
     /// written yet (`deferred`), listed as unindexed.
@@ -166,8 +172,7 @@ impl Sends {
     /// Remembers a send whose record is in storage (a retry of a send
     /// committed before this actor loaded the group).
     pub fn remember(&mut self, send: &SendRecord) {
-        let hash = self.hash(&send.0, &send.1);
-        self.put(hash, send);
+        self.committed_send(send, false);
     }
 
     /// Records a committed send whose record is not written yet (loading
@@ -235,7 +240,7 @@ impl Sends {
             self.unindexed
                 .retain(|(u, c, _)| !written.contains(&(u, &**c)));
         }
-        self.indexed = self.indexed.max(upto);
+        self.indexed = upto;
         self.forget_oldest();
     }
 
