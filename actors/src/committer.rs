@@ -24,7 +24,7 @@
 //! among busy workers): 9% of its time over 1,000 groups
 //! (docs/benchmarks.md, round 25).
 //!
-//! Who talks to it: group actors, through [`Committer::try_submit`], and
+//! Who talks to it: group actors, each through its [`InOrder`] line, and
 //! presence actors, through [`Committer::last_seen`]. A round never holds
 //! more than [`MAX_JOBS`] jobs or [`MAX_ENTRIES`] log entries; the queue
 //! is bounded ([`QUEUE`]), so a flood of commits slows the writers down
@@ -134,7 +134,7 @@ impl Drop for GroupReply {
     }
 }
 
-/// One group's batch for the stage, with who to tell ([`Committer::try_submit`]).
+/// One group's batch for the stage, with who to tell ([`InOrder::queue`]).
 pub struct GroupJob(Job);
 
 impl GroupJob {
@@ -188,8 +188,8 @@ impl Committer {
     /// durable (or rejected), its reply tells the group actor. Batches are
     /// committed in the order they were queued. A stopped stage answers at
     /// once (with `CommitFailure::Storage`); a full queue hands the job
-    /// back, for [`Committer::submit`].
-    pub fn try_submit(&self, job: GroupJob) -> Result<(), GroupJob> {
+    /// back, for [`Committer::submit`]. Groups go through [`InOrder`].
+    fn try_submit(&self, job: GroupJob) -> Result<(), GroupJob> {
         match self.tx.try_send(job.0) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(job)) => Err(GroupJob(job)),
@@ -200,7 +200,7 @@ impl Committer {
 
     /// Queues one group's batch, waiting while the stage's queue is full
     /// (see [`Committer::try_submit`]).
-    pub async fn submit(&self, job: GroupJob) {
+    async fn submit(&self, job: GroupJob) {
         // Err: the stage stopped; dropping the job's reply answers so.
         let _ = self.tx.send(job.0).await;
     }
@@ -214,6 +214,53 @@ impl Committer {
         };
         self.tx.send(job).await.map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// One group's line into the stage: its batches enter the stage's queue
+/// in the order they were handed to [`InOrder::queue`], even while that
+/// queue is full (a batch checked before the one ahead of it would find
+/// the head unmoved).
+///
+/// Invariant: `ahead`, when set, resolves once the last batch that could
+/// not be queued at once is in the stage's queue; until then every later
+/// batch queues behind it, on a task of its own.
+#[derive(Debug, Default)]
+pub struct InOrder {
+    ahead: Option<oneshot::Receiver<()>>,
+}
+
+impl InOrder {
+    /// Queues `job`: straight from the caller while the stage's queue has
+    /// room and no earlier batch is still waiting for room (no task, no
+    /// channel: the common case); else by a task that waits for the batch
+    /// before it, then for room.
+    pub fn queue(&mut self, committer: &Committer, job: GroupJob) {
+        let mut ahead = self.ahead.take();
+        if let Some(rx) = &mut ahead
+            && !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+        {
+            // Ok or Closed: that task ended (it queued, or the stage is gone).
+            ahead = None;
+        }
+        let job = match ahead {
+            None => match committer.try_submit(job) {
+                Ok(()) => return,
+                Err(job) => job,
+            },
+            Some(_) => job,
+        };
+        // Cloned only here: every group of the node shares the stage's sender.
+        let committer = committer.clone();
+        let (queued, queued_rx) = oneshot::channel::<()>();
+        self.ahead = Some(queued_rx);
+        tokio::spawn(async move {
+            if let Some(ahead) = ahead {
+                let _ = ahead.await;
+            }
+            committer.submit(job).await;
+            let _ = queued.send(());
+        });
     }
 }
 
@@ -553,4 +600,108 @@ fn write(t: &mut dyn Txn, m: &Model, w: &Writes) -> Result<(), storage::Error> {
         m.set_dedupe_indexed(t, gid, upto)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! [`InOrder`]'s slow path: the stage's queue full, later batches
+    //! queued by tasks, in order. A stage of one slot stands in for the
+    //! node's 4,096, and the test reads the stage's queue itself.
+
+    use super::*;
+
+    /// A stage whose queue holds `slots` jobs, and that queue's far end.
+    fn stage(slots: usize) -> (Committer, mpsc::Receiver<Job>) {
+        let (tx, rx) = mpsc::channel(slots);
+        (Committer { tx }, rx)
+    }
+
+    /// Job `id` of a group that no actor answers.
+    fn job(id: u64) -> GroupJob {
+        let reply = GroupReply { group: None, id };
+        GroupJob::new(Arc::new(Writes::default()), reply)
+    }
+
+    /// The id of a job taken from the stage's queue.
+    async fn next_id(rx: &mut mpsc::Receiver<Job>) -> u64 {
+        let job = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a queued job within 5 s")
+            .expect("the stage's queue open");
+        match job.reply {
+            Reply::Group(r) => r.id,
+            Reply::LastSeen(_) => panic!("a last-seen job in a group's line"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_keeps_the_order() {
+        let (committer, mut rx) = stage(1);
+        let mut line = InOrder::default();
+        // 0 takes the one slot; 1..6 wait for room, each behind the last.
+        for id in 0..6 {
+            line.queue(&committer, job(id));
+        }
+        assert!(line.ahead.is_some(), "later batches are waiting");
+        for id in 0..6 {
+            assert_eq!(next_id(&mut rx).await, id);
+        }
+        // The line is drained: the next batch goes straight in.
+        tokio::task::yield_now().await;
+        line.queue(&committer, job(6));
+        assert!(line.ahead.is_none(), "queued without a task");
+        assert_eq!(next_id(&mut rx).await, 6);
+    }
+
+    #[tokio::test]
+    async fn room_does_not_let_a_later_batch_pass() {
+        let (committer, mut rx) = stage(1);
+        let mut line = InOrder::default();
+        line.queue(&committer, job(0));
+        line.queue(&committer, job(1));
+        // A slot frees before 1's task has run (one thread, no yield):
+        // 2 must still go behind 1, not into the free slot.
+        assert_eq!(next_id(&mut rx).await, 0);
+        line.queue(&committer, job(2));
+        assert_eq!(next_id(&mut rx).await, 1);
+        assert_eq!(next_id(&mut rx).await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_stage_reading_alongside_sees_plan_order() {
+        const JOBS: u64 = 2_000;
+        let (committer, mut rx) = stage(4);
+        let reader = tokio::spawn(async move {
+            let mut seen = Vec::with_capacity(JOBS as usize);
+            for i in 0..JOBS {
+                seen.push(next_id(&mut rx).await);
+                if i % 7 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            seen
+        });
+        let mut line = InOrder::default();
+        for id in 0..JOBS {
+            line.queue(&committer, job(id));
+            if id % 13 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let seen = reader.await.expect("the reader finished");
+        assert_eq!(seen, (0..JOBS).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_stage_drops_the_jobs() {
+        let (committer, rx) = stage(1);
+        drop(rx);
+        let mut line = InOrder::default();
+        // Closed: each job (and its reply, which tells the actor the stage
+        // stopped) is dropped at once, without a task.
+        for id in 0..3 {
+            line.queue(&committer, job(id));
+            assert!(line.ahead.is_none());
+        }
+    }
 }

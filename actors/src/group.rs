@@ -37,11 +37,9 @@ use prost::Message as _;
 use proto::v1::{self, server_frame::Kind};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use storage::model::{DedupeRecord, GroupMeta, LogQuery, MemberRecord, role};
-use tokio::sync::oneshot;
-use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{debug, info, warn};
 
-use crate::committer::{GroupJob, GroupReply};
+use crate::committer::{GroupJob, GroupReply, InOrder};
 use crate::error::{ChatError, ChatResult};
 use crate::ids::{GroupId, UserId};
 use crate::outbound::{ReplyTo, SharedPush};
@@ -226,10 +224,9 @@ pub struct GroupState {
     in_flight: VecDeque<InFlight>,
     /// Id of the next commit.
     next_flight: u64,
-    /// Resolves once the last commit that could not be queued at once
-    /// (the stage's queue was full) is in the stage's queue; until then,
-    /// later commits queue behind it (see `queue_commit`).
-    queued: Option<oneshot::Receiver<()>>,
+    /// Keeps this group's commits in plan order into the commit stage,
+    /// also while the stage's queue is full.
+    line: InOrder,
     dirty: HashSet<UserId>,
     pointer_waiters: Vec<ReplyTo>,
     flush_scheduled: bool,
@@ -303,7 +300,7 @@ impl Actor for Group {
             pending: VecDeque::new(),
             in_flight: VecDeque::new(),
             next_flight: 0,
-            queued: None,
+            line: InOrder::default(),
             dirty: HashSet::new(),
             pointer_waiters: Vec::new(),
             flush_scheduled: false,
@@ -779,7 +776,10 @@ impl GroupState {
         let writes = batch.shared_writes();
         let id = self.next_flight;
         self.next_flight += 1;
-        self.queue_commit(myself, writes.clone(), id);
+        // In plan order into the commit stage, which casts the outcome to
+        // this actor.
+        let job = GroupJob::new(writes.clone(), GroupReply::new(myself.clone(), id));
+        self.line.queue(self.router.committer(), job);
         if behind {
             self.router.meters().pipelined.increment(1);
         }
@@ -793,41 +793,6 @@ impl GroupState {
             pointer_waiters,
             flushed,
             sender_pointers,
-        });
-    }
-
-    /// Queues commit `id` into the node's commit stage, in plan order (a
-    /// batch checked before the one ahead of it would find the head
-    /// unmoved): straight from here while the stage's queue has room and no
-    /// earlier batch is still waiting for it; else by a task that waits for
-    /// the one before it, then for room. The stage casts the outcome to
-    /// this actor.
-    fn queue_commit(&mut self, myself: &ActorRef<GroupMessage>, writes: Arc<Writes>, id: u64) {
-        let job = GroupJob::new(writes, GroupReply::new(myself.clone(), id));
-        let mut ahead = self.queued.take();
-        if let Some(rx) = &mut ahead
-            && !matches!(rx.try_recv(), Err(TryRecvError::Empty))
-        {
-            // Ok or Closed: that task ended (it queued, or the stage is gone).
-            ahead = None;
-        }
-        let job = match ahead {
-            None => match self.router.committer().try_submit(job) {
-                Ok(()) => return,
-                Err(job) => job,
-            },
-            Some(_) => job,
-        };
-        // Cloned only here: every group of the node shares the stage's sender.
-        let committer = self.router.committer().clone();
-        let (queued, queued_rx) = oneshot::channel::<()>();
-        self.queued = Some(queued_rx);
-        tokio::spawn(async move {
-            if let Some(ahead) = ahead {
-                let _ = ahead.await;
-            }
-            committer.submit(job).await;
-            let _ = queued.send(());
         });
     }
 
