@@ -209,10 +209,10 @@ impl Member {
 /// - Every send committed with a seq ≤ the stored dedupe watermark (kept
 ///   by `sends`: `Sends::watermark`) has its dedupe record in storage;
 ///   every committed send without one is in `sends`' unindexed list (all
-///   after the watermark, up to `head`). It
-///   may hold some that have one too: the log tail read at loading does
-///   not tell them apart, and rewriting a record is harmless. At most one
-///   commit in flight moves the watermark.
+///   after the watermark, up to `head`). That list may hold some that have
+///   one too: the log tail read at loading does not tell them apart, and
+///   rewriting a record is harmless. At most one commit in flight moves
+///   the watermark.
 pub struct GroupState {
     id: GroupId,
     router: Router,

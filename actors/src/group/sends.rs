@@ -22,7 +22,7 @@
 //! Only what it knows of unindexed sends must be exact: a committed send
 //! without a stored record is known nowhere else, so this module must
 //! never lose one. It forgets a known send only when its seq is at or
-//! below the dedupe watermark (`indexed`), below which every committed send
+//! below the dedupe watermark, below which every committed send
 //! has its record in storage (`GroupState`'s invariants). The waiting set
 //! may hold extra entries (the group confirms a hit by scanning its
 //! waiters).
@@ -77,7 +77,7 @@ impl Known {
 /// - `unindexed` holds each committed send whose dedupe record may be
 ///   missing from storage, once, in commit order; each is in `known`.
 /// - An entry leaves `known` only through the front of `order`, once
-///   `order` holds more than `cap` and the entry's seq is ≤ `indexed`. So
+///   `order` holds more than `cap` and the entry's seq is ≤ `watermark`. So
 ///   `known` outgrows `cap` by at most the sends past the watermark, which
 ///   the group keeps within about `DEDUPE_LAG` plus the batches in flight.
 #[derive(Debug)]
@@ -91,7 +91,7 @@ pub struct Sends {
     unindexed: Vec<SendRecord>,
     /// The group's stored dedupe watermark: every committed send at or
     /// below it has its record in storage.
-    indexed: u64,
+    watermark: u64,
 }
 
 impl Sends {
@@ -104,7 +104,7 @@ impl Sends {
             known: HashTable::new(),
             order: VecDeque::new(),
             unindexed: Vec::new(),
-            indexed: 0,
+            watermark: 0,
         }
     }
 
@@ -149,13 +149,13 @@ impl Sends {
     }
 
     /// The group's stored dedupe watermark, read when it was loaded.
-    pub fn set_watermark(&mut self, indexed: u64) {
-        self.indexed = indexed;
+    pub fn set_watermark(&mut self, watermark: u64) {
+        self.watermark = watermark;
     }
 
     /// The group's stored dedupe watermark.
     pub fn watermark(&self) -> u64 {
-        self.indexed
+        self.watermark
     }
 
     /// A send was committed: it is remembered (the oldest beyond `cap`
@@ -209,7 +209,7 @@ impl Sends {
             let Some(&(hash, seq)) = self.order.front() else {
                 break;
             };
-            if seq > self.indexed {
+            if seq > self.watermark {
                 break;
             }
             self.order.pop_front();
@@ -240,7 +240,7 @@ impl Sends {
             self.unindexed
                 .retain(|(u, c, _)| !written.contains(&(u, &**c)));
         }
-        self.indexed = upto;
+        self.watermark = upto;
         self.forget_oldest();
     }
 
