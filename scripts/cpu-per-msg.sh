@@ -14,8 +14,11 @@
 # utime + stime (/proc/PID/task/TID/stat), the commit writer's scheduler
 # times (/proc/PID/task/TID/schedstat: on a CPU, runnable but waiting for
 # one, neither) and `chat_messages_committed_total` from /metrics. Prints
-# one line per thread name (µs of CPU per committed message), the
-# writer's split and the machine's steal time over the window (a window
+# one line per thread name (µs of CPU per committed message), the node's
+# sum, the load generator's (its whole process, over the same window: it
+# shares the cores) and what the cores allow at the two together (the
+# bound of a CPU-bound run, docs/benchmarks.md round 28), the writer's
+# split and the machine's steal time over the window (a window
 # with much of it measured a slower machine), the writer's nice value
 # (decisions.md #33), then which machine this is
 # (machine_summary, scripts/lib.sh). Build both binaries first
@@ -68,6 +71,14 @@ timeout --kill-after=10 $((SECS + 60)) "$LOAD" --addr "$ADDR" --config "$TMP/nod
     --node-pid "$NODE_PID" durable --groups "$NGROUPS" --senders "$SENDERS" \
     --window "$WINDOW" --secs "$SECS" >"$TMP/load.txt" 2>&1 &
 LOAD_PID=$!
+# The load generator itself, under `timeout` (its CPU is counted too: it
+# shares the two cores with the node).
+GEN_PID=
+for _ in $(seq 1 50); do
+    GEN_PID=$(pgrep -P "$LOAD_PID" -x chat-load || true)
+    [[ -n $GEN_PID ]] && break
+    sleep 0.1
+done
 
 # snapshot NAME: per thread "comm utime+stime" (clock ticks), the writer's
 # schedstat, the committed counter and the time.
@@ -85,6 +96,11 @@ snapshot() {
             echo "sched $(<"$t/schedstat")"
         fi
     done >"$out"
+    if [[ -n $GEN_PID ]] && stat=$(stat_fields "/proc/$GEN_PID/stat"); then
+        # shellcheck disable=SC2086 # split into fields on purpose
+        set -- $stat
+        echo "gen $((${12} + ${13}))"
+    fi >>"$out"
     curl -sf "http://$ADDR/metrics" |
         awk '/^chat_messages_committed_total/ { n += $NF } END { print "committed", n + 0 }' >>"$out"
     echo "time $(date +%s%N)" >>"$out"
@@ -102,10 +118,11 @@ wait "$LOAD_PID" || echo "chat-load failed (see its output below)" >&2
 LOAD_PID=
 grep '^| 4\.' "$TMP/load.txt" || tail -5 "$TMP/load.txt"
 
-awk -v hz="$(getconf CLK_TCK)" '
+awk -v hz="$(getconf CLK_TCK)" -v cores="$(nproc)" '
     FNR == 1 { side++ }
     $1 == "cpu" { cpu[side, $2] += $3; names[$2] = 1 }
     $1 == "sched" { for (i = 2; i <= 4; i++) sched[side, i] = $i }
+    $1 == "gen" { gen[side] = $2; gens++ }
     $1 == "committed" { committed[side] = $2 }
     $1 == "time" { t[side] = $2 }
     $1 == "machine" { for (i = 2; i <= 9; i++) m[side, i] = $i }
@@ -114,9 +131,18 @@ awk -v hz="$(getconf CLK_TCK)" '
         wall = (t[2] - t[1]) / 1e9
         if (n <= 0) { print "no message committed in the window"; exit 1 }
         printf "window %.1f s: %d messages committed (%.1fk/s)\n", wall, n, n / wall / 1e3
+        node = 0
         for (name in names) {
             us = (cpu[2, name] - cpu[1, name]) / hz * 1e6 / n
+            node += us
             if (us >= 0.05) printf "  %-16s %6.1f us of CPU per message\n", name, us
+        }
+        printf "  %-16s %6.1f us (all the node'"'"'s threads)\n", "node", node
+        if (gens == 2) {
+            g = (gen[2] - gen[1]) / hz * 1e6 / n
+            printf "  %-16s %6.1f us (the load generator, on the same cores)\n", "chat-load", g
+            # What the cores allow at this cost, were they all busy with it.
+            printf "  %-16s %6.1f us: %d cores give at most %.1fk/s at this cost\n", "together", node + g, cores, cores / ((node + g) / 1e6) / 1e3
         }
         on = (sched[2, 2] - sched[1, 2]) / 1e9 / wall * 100
         wait = (sched[2, 3] - sched[1, 3]) / 1e9 / wall * 100
