@@ -73,12 +73,15 @@ timeout --kill-after=10 $((SECS + 60)) "$LOAD" --addr "$ADDR" --config "$TMP/nod
 LOAD_PID=$!
 # The load generator itself, under `timeout` (its CPU is counted too: it
 # shares the two cores with the node).
+# Without pgrep (procps) those lines are left out.
 GEN_PID=
-for _ in $(seq 1 50); do
-    GEN_PID=$(pgrep -P "$LOAD_PID" -x chat-load || true)
-    [[ -n $GEN_PID ]] && break
-    sleep 0.1
-done
+if command -v pgrep >/dev/null; then
+    for _ in $(seq 1 20); do
+        GEN_PID=$(pgrep -P "$LOAD_PID" -x chat-load || true)
+        [[ -n $GEN_PID ]] && break
+        sleep 0.05
+    done
+fi
 
 # snapshot NAME: per thread "comm utime+stime" (clock ticks), the writer's
 # schedstat, the committed counter and the time.
