@@ -71,9 +71,8 @@ timeout --kill-after=10 $((SECS + 60)) "$LOAD" --addr "$ADDR" --config "$TMP/nod
     --node-pid "$NODE_PID" durable --groups "$NGROUPS" --senders "$SENDERS" \
     --window "$WINDOW" --secs "$SECS" >"$TMP/load.txt" 2>&1 &
 LOAD_PID=$!
-# The load generator itself, under `timeout` (its CPU is counted too: it
-# shares the two cores with the node).
-# Without pgrep (procps) those lines are left out.
+# The load generator itself, under `timeout`: its CPU is counted too, as
+# it shares the cores with the node (left out where there is no pgrep).
 GEN_PID=
 if command -v pgrep >/dev/null; then
     for _ in $(seq 1 20); do
@@ -86,23 +85,17 @@ fi
 # snapshot NAME: per thread "comm utime+stime" (clock ticks), the writer's
 # schedstat, the committed counter and the time.
 snapshot() {
-    local out=$TMP/$1 t comm stat
+    local out=$TMP/$1 t comm ticks
     for t in /proc/"$NODE_PID"/task/*; do
         comm=$(<"$t/comm") || continue
-        # Fields after the name (stat_fields): state is the 1st, utime the
-        # 12th, stime the 13th.
-        stat=$(stat_fields "$t/stat") || continue
-        # shellcheck disable=SC2086 # split into fields on purpose
-        set -- $stat
-        echo "cpu ${comm// /_} $((${12} + ${13}))"
+        ticks=$(cpu_ticks "$t/stat") || continue
+        echo "cpu ${comm// /_} $ticks"
         if [[ $comm == store-write-0 ]]; then
             echo "sched $(<"$t/schedstat")"
         fi
     done >"$out"
-    if [[ -n $GEN_PID ]] && stat=$(stat_fields "/proc/$GEN_PID/stat"); then
-        # shellcheck disable=SC2086 # split into fields on purpose
-        set -- $stat
-        echo "gen $((${12} + ${13}))"
+    if [[ -n $GEN_PID ]] && ticks=$(cpu_ticks "/proc/$GEN_PID/stat"); then
+        echo "gen $ticks"
     fi >>"$out"
     curl -sf "http://$ADDR/metrics" |
         awk '/^chat_messages_committed_total/ { n += $NF } END { print "committed", n + 0 }' >>"$out"

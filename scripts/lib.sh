@@ -7,6 +7,7 @@
 #   machine_summary              # one line naming this machine and boot
 #   thread_nice PID PREFIX       # nice value of PID's first PREFIX* thread
 #   stat_fields STAT_FILE        # a /proc stat file's fields after the name
+#   cpu_ticks STAT_FILE          # its utime + stime, in clock ticks
 
 # wait_healthy ADDR PID LOG: polls http://ADDR/healthz every 0.1 s for up to
 # 30 s. Returns 0 once it answers 2xx; 1 (with the tail of LOG on stderr) if
@@ -73,4 +74,16 @@ stat_fields() {
     local stat
     stat=$(cat "$1" 2>/dev/null) || return 1
     echo "${stat##*) }"
+}
+
+# cpu_ticks STAT_FILE: prints utime + stime (clock ticks) from a
+# /proc/PID[/task/TID]/stat file: fields 14 and 15, the 12th and 13th
+# after the name (stat_fields). For a process they cover all its threads.
+# Fails (prints nothing) if the file is gone.
+cpu_ticks() {
+    local stat
+    local -a fields
+    stat=$(stat_fields "$1") || return 1
+    read -ra fields <<<"$stat"
+    echo "$((fields[11] + fields[12]))"
 }
