@@ -4,9 +4,10 @@
 //!
 //! Every cross-node message is a protobuf `Envelope` (see
 //! `proto/proto/chat/v1/internal.proto`) cast to the receiving node's
-//! [`Port`], found through the `ractor::pg` group [`port_group`]`(node)`,
-//! which ractor_cluster keeps in sync between connected nodes. The port
-//! decodes envelopes and hands them to local actors; it never blocks.
+//! [`Port`], found as the member of the `ractor::pg` group named after the
+//! node in the scope [`PORT_SCOPE`], which ractor_cluster keeps in sync
+//! between connected nodes. The port decodes envelopes and hands them to
+//! local actors; it never blocks.
 //!
 //! Who talks to it: the [`Router`] (sending envelopes, pending replies), the
 //! node's cluster manager in `node` (pings, hellos, the live node set, via
@@ -37,13 +38,15 @@ use crate::router::Router;
 /// Most pushes in one delivery envelope.
 pub const MAX_PUSHES_PER_ENVELOPE: usize = 64;
 
-/// Prefix of the `pg` groups holding the nodes' ports.
-pub const PORT_GROUP_PREFIX: &str = "chat.port.";
-
-/// The `pg` group holding a node's port.
-pub fn port_group(node: &str) -> String {
-    format!("{PORT_GROUP_PREFIX}{node}")
-}
+/// The `pg` scope of the nodes' ports: in it, each node's port is the one
+/// member of a group named after the node. A scope of their own, so the
+/// router lists the reachable nodes from pg's index of that scope alone
+/// (`which_scoped_groups`) at every commit's broadcast, instead of
+/// walking, cloning and sorting every group of every scope
+/// (`which_groups`: 1.3% of the workers over 1,000 groups,
+/// docs/benchmarks.md, round 28). ractor_cluster syncs every scope
+/// between connected nodes.
+pub const PORT_SCOPE: &str = "chat.ports";
 
 /// An encoded [`v1::Envelope`] as it crosses the wire. Cast-only.
 #[derive(Debug, Clone)]
@@ -305,7 +308,11 @@ impl Actor for Port {
         myself: ActorRef<Self::Msg>,
         router: Router,
     ) -> Result<Self::State, ActorProcessingErr> {
-        ractor::pg::join(port_group(router.node()), vec![myself.get_cell()]);
+        ractor::pg::join_scoped(
+            PORT_SCOPE.to_string(),
+            router.node().to_string(),
+            vec![myself.get_cell()],
+        );
         let (inbox, rx) = mpsc::channel(INBOX);
         tokio::spawn(serve_inbox(router.clone(), rx));
         Ok(PortState { router, inbox })

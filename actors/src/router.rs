@@ -19,9 +19,7 @@ use ractor::{Actor, ActorRef, MessagingErr, call_t};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::cluster::{
-    PORT_GROUP_PREFIX, PeerEvent, Pending, Port, Wire, port_group, relay_envelopes, result_frame,
-};
+use crate::cluster::{PORT_SCOPE, PeerEvent, Pending, Port, Wire, relay_envelopes, result_frame};
 use crate::committer::Committer;
 use crate::config::ActorConfig;
 use crate::error::{ChatError, ChatResult};
@@ -177,11 +175,9 @@ impl Router {
     /// send us requests (it counts us live) before we count it live, and
     /// its members must not miss the pushes of what we commit meanwhile.
     pub fn connected_peers(&self) -> Vec<String> {
-        ractor::pg::which_groups()
-            .into_iter()
-            .filter_map(|g| g.strip_prefix(PORT_GROUP_PREFIX).map(str::to_string))
-            .filter(|n| *n != self.inner.node)
-            .collect()
+        let mut peers = ractor::pg::which_scoped_groups(&PORT_SCOPE.to_string());
+        peers.retain(|n| *n != self.inner.node);
+        peers
     }
 
     /// The node that owns `key` (a group or user id) in the current view.
@@ -228,7 +224,7 @@ impl Router {
     /// Sends an envelope to `node`'s port. Returns false when the node is
     /// not reachable (no port of it in `pg`).
     pub fn send_to_node(&self, node: &str, kind: Env) -> bool {
-        let Some(cell) = ractor::pg::get_members(&port_group(node))
+        let Some(cell) = ractor::pg::get_scoped_members(&PORT_SCOPE.to_string(), &node.to_string())
             .into_iter()
             .next()
         else {
