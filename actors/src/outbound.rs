@@ -238,14 +238,17 @@ impl OutboundQueue {
     /// A close request if there is one, else the oldest queued frame,
     /// waiting for either. One task waits on a queue at a time.
     pub async fn next_event(&self) -> Event {
-        std::future::poll_fn(|cx| {
-            self.poll_until(cx, |q| {
-                q.close_code()
-                    .map(Event::Close)
-                    .or_else(|| q.try_recv().map(Event::Item))
-            })
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    /// [`Self::next_event`] as a poll, for a connection task that polls
+    /// its queue and its socket in one hand-written step.
+    pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Event> {
+        self.poll_until(cx, |q| {
+            q.close_code()
+                .map(Event::Close)
+                .or_else(|| q.try_recv().map(Event::Item))
         })
-        .await
     }
 
     /// The oldest queued frame, if any.

@@ -12,7 +12,10 @@
 //!
 //! What it must not do: run requests itself, or buffer without bound.
 
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actors::outbound::{
@@ -21,6 +24,7 @@ use actors::outbound::{
 use actors::session::{Session, SessionArgs, SessionMessage};
 use actors::{ChatError, Router, UserId};
 use futures::stream::{SplitSink, SplitStream};
+use futures::task::{ArcWake, AtomicWaker, waker_ref};
 use futures::{SinkExt, StreamExt};
 use metrics::Counter;
 use proto::Encoding;
@@ -137,48 +141,120 @@ enum End {
     Close(u16, &'static str),
 }
 
+/// One step of the loop: the queue first (a close request, then the
+/// oldest frame), then the socket, but the socket only when its read
+/// side woke since it last said `Pending` (see [`ReadWake`]).
+fn poll_step<S>(
+    queue: &OutboundQueue,
+    cx: &mut Context<'_>,
+    reads: &Arc<ReadWake>,
+    stream: &mut WsStream<S>,
+) -> Poll<Step>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Poll::Ready(event) = queue.poll_event(cx) {
+        return Poll::Ready(Step::Event(event));
+    }
+    // Registered before the flag is taken: a wake that lands while
+    // the socket is polled sets the flag again and wakes this task.
+    reads.task.register(cx.waker());
+    if !reads.woken.swap(false, Ordering::AcqRel) {
+        return Poll::Pending;
+    }
+    let waker = waker_ref(reads);
+    match stream.poll_next_unpin(&mut Context::from_waker(&waker)) {
+        Poll::Ready(frame) => {
+            // The next frame may be buffered already: look again.
+            reads.woken.store(true, Ordering::Release);
+            Poll::Ready(Step::Frame(frame))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// What one step of the loop found.
+enum Step {
+    /// From the outbound queue.
+    Event(Event),
+    /// From the socket (`None`: it closed).
+    Frame(Option<Result<Message, WsError>>),
+}
+
+/// The waker the socket's read side gets: it marks that side as woken,
+/// then wakes the connection's task.
+///
+/// A fan-out wakes every recipient's task once per push, and a
+/// `tokio::select!` over the queue and the socket then polled the socket
+/// too, though it had not woken: tungstenite zeroes its read buffer and
+/// tries a read (through the split's lock, the WebSocket layers and the
+/// readiness check) at every push, which found nothing (docs/benchmarks.md,
+/// round 29). With this waker the loop polls the socket only after the
+/// socket (or the lock of its halves) woke it, and again after each frame
+/// it yields.
+///
+/// Invariant: `woken` is set by every wake of the read side and starts
+/// set, so no readiness is lost between two looks.
+struct ReadWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ReadWake {
+    fn new() -> Arc<Self> {
+        Arc::new(ReadWake {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        })
+    }
+}
+
+impl ArcWake for ReadWake {
+    fn wake_by_ref(this: &Arc<Self>) {
+        this.woken.store(true, Ordering::Release);
+        this.task.wake();
+    }
+}
+
 impl Connection {
     async fn run<S>(&mut self, mut sink: WsSink<S>, mut stream: WsStream<S>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let reads = ReadWake::new();
         let end = loop {
-            tokio::select! {
-                biased;
+            match poll_fn(|cx| poll_step(&self.queue, cx, &reads, &mut stream)).await {
                 // A close request comes before queued frames (see
                 // `close_with` for what is still let out).
-                event = self.queue.next_event() => match event {
-                    Event::Close(code) => {
-                        break End::Close(code, if code == CLOSE_SLOW_CONSUMER {
+                Step::Event(Event::Close(code)) => {
+                    break End::Close(
+                        code,
+                        if code == CLOSE_SLOW_CONSUMER {
                             "too slow: reconnect and sync"
                         } else {
                             "server going away"
-                        });
+                        },
+                    );
+                }
+                Step::Event(Event::Item(item)) => {
+                    if self.write_batch(&mut sink, item).await.is_err() {
+                        break End::Gone;
                     }
-                    Event::Item(item) => {
-                        if self.write_batch(&mut sink, item).await.is_err() {
-                            break End::Gone;
-                        }
+                }
+                Step::Frame(None) => break End::Gone,
+                Step::Frame(Some(Ok(msg))) => {
+                    // Boxed: see `close_with`.
+                    if let Some(end) = Box::pin(self.on_message(msg)).await {
+                        break end;
                     }
-                },
-                frame = stream.next() => {
-                    match frame {
-                        None => break End::Gone,
-                        Some(Ok(msg)) => {
-                            // Boxed: see `close_with`.
-                            if let Some(end) = Box::pin(self.on_message(msg)).await {
-                                break end;
-                            }
-                        }
-                        Some(Err(WsError::Capacity(e))) => {
-                            debug!(error = %e, "frame far over the limit");
-                            break End::Close(1009, "frame too large");
-                        }
-                        Some(Err(e)) => {
-                            debug!(error = %e, "socket error");
-                            break End::Gone;
-                        }
-                    }
+                }
+                Step::Frame(Some(Err(WsError::Capacity(e)))) => {
+                    debug!(error = %e, "frame far over the limit");
+                    break End::Close(1009, "frame too large");
+                }
+                Step::Frame(Some(Err(e))) => {
+                    debug!(error = %e, "socket error");
+                    break End::Gone;
                 }
             }
         };
@@ -313,6 +389,127 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    use actors::ChatError;
+    use actors::outbound::{Event, Outbound, OutboundQueue, SessionHandle};
+    use futures::{SinkExt, StreamExt};
+    use proto::Encoding;
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    use super::{ReadWake, Step, WsStream, poll_step};
+
+    fn reply(id: u64) -> Outbound {
+        Outbound::Reply {
+            id,
+            encoding: Encoding::Binary,
+            result: Box::new(Err(ChatError::NotFound("g".into()))),
+        }
+    }
+
+    /// A server socket's read half, its client, and a queue with its handle.
+    async fn pair() -> (
+        WsStream<DuplexStream>,
+        WebSocketStream<DuplexStream>,
+        SessionHandle,
+        OutboundQueue,
+    ) {
+        let (server, client) = tokio::io::duplex(64 * 1024);
+        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        let (_sink, stream) = server.split();
+        let (handle, queue) = SessionHandle::channel(16);
+        (stream, client, handle, queue)
+    }
+
+    /// The next step within a second (a lost wake-up fails here).
+    async fn step(
+        queue: &OutboundQueue,
+        reads: &std::sync::Arc<ReadWake>,
+        stream: &mut WsStream<DuplexStream>,
+    ) -> Step {
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            poll_fn(|cx| poll_step(queue, cx, reads, stream)),
+        )
+        .await
+        .expect("the loop was not woken")
+    }
+
+    fn frame(step: Step) -> Vec<u8> {
+        match step {
+            Step::Frame(Some(Ok(Message::Binary(b)))) => b.to_vec(),
+            Step::Frame(other) => panic!("expected a binary frame, got {other:?}"),
+            Step::Event(_) => panic!("expected a frame, got a queue event"),
+        }
+    }
+
+    fn reply_id(step: Step) -> u64 {
+        match step {
+            Step::Event(Event::Item(Outbound::Reply { id, .. })) => id,
+            Step::Event(other) => panic!("expected a reply, got {other:?}"),
+            Step::Frame(f) => panic!("expected a queue event, got {f:?}"),
+        }
+    }
+
+    /// The connection loop's step polls the socket only after it woke
+    /// (`ReadWake`), so what it must never do is miss a frame: one that
+    /// arrived while pushes were queued, one that arrives while it waits,
+    /// and the second of two that arrived together (one wake for both).
+    #[tokio::test]
+    async fn the_step_reads_every_frame_and_puts_the_queue_first() {
+        let (mut stream, mut client, handle, queue) = pair().await;
+        let reads = ReadWake::new();
+
+        // A frame and two pushes waiting: the pushes first, then the frame.
+        client.send(Message::Binary(vec![1].into())).await.unwrap();
+        assert!(handle.push(reply(10)));
+        assert!(handle.push(reply(11)));
+        assert_eq!(reply_id(step(&queue, &reads, &mut stream).await), 10);
+        assert_eq!(reply_id(step(&queue, &reads, &mut stream).await), 11);
+        assert_eq!(frame(step(&queue, &reads, &mut stream).await), vec![1]);
+
+        // Nothing anywhere: the step waits, and does not return by itself.
+        let idle = tokio::time::timeout(
+            Duration::from_millis(50),
+            poll_fn(|cx| poll_step(&queue, cx, &reads, &mut stream)),
+        )
+        .await;
+        assert!(idle.is_err(), "the step returned with nothing to do");
+
+        // A push wakes it; the socket, which did not wake, is not read.
+        assert!(handle.push(reply(12)));
+        assert_eq!(reply_id(step(&queue, &reads, &mut stream).await), 12);
+
+        // A frame while it waits wakes it (the wait registered the waker).
+        let waiter = async { frame(step(&queue, &reads, &mut stream).await) };
+        let sender = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.send(Message::Binary(vec![2].into())).await.unwrap();
+        };
+        let (got, ()) = tokio::join!(waiter, sender);
+        assert_eq!(got, vec![2]);
+
+        // Two frames in one write (one wake): both come out.
+        client.feed(Message::Binary(vec![3].into())).await.unwrap();
+        client.feed(Message::Binary(vec![4].into())).await.unwrap();
+        client.flush().await.unwrap();
+        assert_eq!(frame(step(&queue, &reads, &mut stream).await), vec![3]);
+        assert_eq!(frame(step(&queue, &reads, &mut stream).await), vec![4]);
+
+        // The client goes away: the step says so.
+        drop(client);
+        match step(&queue, &reads, &mut stream).await {
+            Step::Frame(None) | Step::Frame(Some(Err(_))) => {}
+            Step::Frame(Some(Ok(m))) => panic!("expected the end, got {m:?}"),
+            Step::Event(e) => panic!("expected the end, got {e:?}"),
+        }
+    }
+
     /// The memory budget per idle connection (issue 5: at most 10 KB,
     /// measured 9.4–9.6 KB) relies on ractor's mailbox slots staying small,
     /// because every actor, the connection's session among them, allocates
