@@ -17,7 +17,7 @@
 //! per connection (issue 5's memory budget per idle connection).
 //!
 //! The connection task waits for "a frame or a close request" on one
-//! [`AtomicWaker`] ([`OutboundQueue::next_event`]): a fan-out wakes every
+//! [`AtomicWaker`] ([`OutboundQueue::poll_event`]): a fan-out wakes every
 //! recipient's task once per push, and two `Notify`s (one per kind of
 //! event) cost each wake-up two waiter-list registrations and removals
 //! under their mutexes (docs/benchmarks.md, round 8).
@@ -203,7 +203,7 @@ impl SessionHandle {
     }
 }
 
-/// What the connection task waits for ([`OutboundQueue::next_event`]).
+/// What the connection task waits for ([`OutboundQueue::poll_event`]).
 #[derive(Debug)]
 pub enum Event {
     /// A producer asked to close with this code (reported before any
@@ -235,14 +235,11 @@ impl OutboundQueue {
         }
     }
 
-    /// A close request if there is one, else the oldest queued frame,
-    /// waiting for either. One task waits on a queue at a time.
-    pub async fn next_event(&self) -> Event {
-        std::future::poll_fn(|cx| self.poll_event(cx)).await
-    }
-
-    /// [`Self::next_event`] as a poll, for a connection task that polls
-    /// its queue and its socket in one hand-written step.
+    /// A close request if there is one, else the oldest queued frame;
+    /// `Pending` (with the task's waker registered) until either comes.
+    /// One task waits on a queue at a time. A poll, not a future: the
+    /// connection task polls its queue and its socket in one hand-written
+    /// step (`node/src/ws.rs`).
     pub fn poll_event(&self, cx: &mut Context<'_>) -> Poll<Event> {
         self.poll_until(cx, |q| {
             q.close_code()
@@ -448,6 +445,11 @@ mod tests {
         }
     }
 
+    /// Waits for the queue's next event, as the connection task does.
+    async fn next_event(q: &OutboundQueue) -> Event {
+        std::future::poll_fn(|cx| q.poll_event(cx)).await
+    }
+
     /// The frame `next_event` returned (these tests ask no close first).
     fn item(e: Event) -> Outbound {
         match e {
@@ -460,11 +462,11 @@ mod tests {
     async fn dropped_reply_answers_unavailable() {
         let (h, q) = SessionHandle::channel(4);
         drop(ReplyTo::new(7, Encoding::Json, h.clone(), None));
-        let (id, r) = reply_of(item(q.next_event().await));
+        let (id, r) = reply_of(item(next_event(&q).await));
         assert_eq!(id, 7);
         assert!(matches!(r, Err(ChatError::Unavailable(_))));
         ReplyTo::new(8, Encoding::Json, h, None).ok();
-        let (id, r) = reply_of(item(q.next_event().await));
+        let (id, r) = reply_of(item(next_event(&q).await));
         assert_eq!(id, 8);
         assert!(r.is_ok());
     }
@@ -514,7 +516,7 @@ mod tests {
     async fn next_event_waits_for_a_push_and_keeps_order() {
         let (h, q) = SessionHandle::channel(8);
         let q = Arc::new(q);
-        let waiter = waiting(&q, |q| async move { item(q.next_event().await) }).await;
+        let waiter = waiting(&q, |q| async move { item(next_event(&q).await) }).await;
         ReplyTo::new(1, Encoding::Binary, h.clone(), None).ok();
         ReplyTo::new(2, Encoding::Binary, h.clone(), None).ok();
         let first = woken(waiter, "a reply").await;
@@ -528,12 +530,12 @@ mod tests {
         let (h, q) = SessionHandle::channel(8);
         let q = Arc::new(q);
         // A waiting task is woken by a push...
-        let waiter = waiting(&q, |q| async move { q.next_event().await }).await;
+        let waiter = waiting(&q, |q| async move { next_event(&q).await }).await;
         assert!(h.push(ok_push()));
         let first = woken(waiter, "a push").await;
         assert!(matches!(first, Event::Item(Outbound::Push(_))));
         // ...and by a close request alone.
-        let waiter = waiting(&q, |q| async move { q.next_event().await }).await;
+        let waiter = waiting(&q, |q| async move { next_event(&q).await }).await;
         h.close(CLOSE_GOING_AWAY);
         let closed = woken(waiter, "a close").await;
         assert!(matches!(closed, Event::Close(CLOSE_GOING_AWAY)));
@@ -543,7 +545,7 @@ mod tests {
         assert!(h.push(ok_push()));
         h.close(CLOSE_GOING_AWAY);
         assert!(matches!(
-            q.next_event().await,
+            next_event(&q).await,
             Event::Close(CLOSE_GOING_AWAY)
         ));
         assert!(q.try_recv().is_some());
