@@ -5,7 +5,7 @@
 //! to every local session of the group's online members. The relay also
 //! keeps which local users are online in which groups, and puts each group's
 //! messages back in seq order when two owners' deliveries cross (see
-//! [`Order`]).
+//! `Order`).
 //!
 //! Who talks to it: session actors (register, attach their groups, leave),
 //! group actors (deliveries and membership changes, in commit order), the
@@ -111,7 +111,7 @@ pub enum RelayMessage {
     /// session).
     Tick,
     /// Timer: stop waiting for the missing seqs of `group` where something
-    /// has been held for [`HOLD`] (see [`Order`]).
+    /// has been held for [`HOLD`] (see `Order`).
     Release(GroupId),
 }
 

@@ -3,7 +3,7 @@
 //! Owns the database file's schema (every key in
 //! `kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID`, whose BLOBs
 //! compare with `memcmp`, the contract's unsigned byte order; values of 128
-//! bytes or more in the rowid table `kv_values`, see [`SCHEMA`]), its
+//! bytes or more in the rowid table `kv_values`, see `SCHEMA`), its
 //! pragmas and this process's connections to it.
 //!
 //! Who talks to it: `node` opens it ([`SqliteKv::open`]); everything else goes
