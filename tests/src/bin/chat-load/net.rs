@@ -145,9 +145,18 @@ const MAX_FRAME: u64 = 16 << 20;
 /// Largest upgrade response accepted.
 const MAX_UPGRADE_RESPONSE: usize = 16 << 10;
 
-/// The write half, shared by the connection's owner (requests) and its
-/// reader (pongs, the close reply).
-type Writer = Arc<Mutex<OwnedWriteHalf>>;
+/// The write half, shared by the connection's owner (requests, its close)
+/// and its reader (pongs, the close reply).
+type Writer = Arc<Mutex<WriteSide>>;
+
+/// What a connection writes through.
+///
+/// Invariant: once `closed`, nothing more is written (RFC 6455 section
+/// 5.5.1: no frame follows a close).
+struct WriteSide {
+    half: OwnedWriteHalf,
+    closed: bool,
+}
 
 /// One authenticated connection: the write half and the replies (frames
 /// with an id) the reader task forwarded. Pushes never come here: the
@@ -186,7 +195,10 @@ pub async fn connect(
         .await
         .context("WebSocket upgrade")?;
     let (rx, tx) = stream.into_split();
-    let tx = Arc::new(Mutex::new(tx));
+    let tx = Arc::new(Mutex::new(WriteSide {
+        half: tx,
+        closed: false,
+    }));
     let (reply_tx, replies) = mpsc::unbounded_channel();
     tokio::spawn(read_loop(rx, buf, tx.clone(), reply_tx, rec, index));
     Ok(Conn {
@@ -294,11 +306,17 @@ fn put_frame(out: &mut Vec<u8>, opcode: OpCode, payload: Vec<u8>) -> Result<()> 
     Ok(())
 }
 
-/// Writes one control frame (a pong, the close reply) at once.
+/// Writes one control frame (a pong, a close) at once; nothing once a
+/// close went out.
 async fn send_control(tx: &Writer, control: Control, payload: Vec<u8>) -> Result<()> {
     let mut out = Vec::with_capacity(payload.len() + 8);
     put_frame(&mut out, OpCode::Control(control), payload)?;
-    tx.lock().await.write_all(&out).await?;
+    let mut w = tx.lock().await;
+    if w.closed {
+        return Ok(());
+    }
+    w.closed = control == Control::Close;
+    w.half.write_all(&out).await?;
     Ok(())
 }
 
@@ -326,7 +344,8 @@ async fn read_loop(
                 }
             }
             Ok(Some((OpCode::Control(Control::Close), payload))) => {
-                // Echo the code, as RFC 6455 section 5.5.1 asks.
+                // Echo the code, as RFC 6455 section 5.5.1 asks (unless
+                // this side's close went first).
                 let code = payload.get(..2).map(|c| c.to_vec()).unwrap_or_default();
                 let _ = send_control(&tx, Control::Close, code).await;
                 break match payload.get(..2) {
@@ -448,7 +467,9 @@ impl Conn {
         if self.out.is_empty() {
             return Ok(());
         }
-        self.tx.lock().await.write_all(&self.out).await?;
+        let mut w = self.tx.lock().await;
+        ensure!(!w.closed, "{}: the connection is closed", self.user);
+        w.half.write_all(&self.out).await?;
         self.out.clear();
         Ok(())
     }
